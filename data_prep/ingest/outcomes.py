@@ -1,0 +1,64 @@
+"""Read img2dataset's per-shard stats and sort its error messages into outcome kinds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from data_prep import storage
+
+# (substring of img2dataset's error message, outcome); first match wins, checked in lower case.
+PATTERNS: tuple[tuple[str, str], ...] = (
+    ("http error", "http_error"),
+    ("timed out", "timeout"),
+    ("timeout", "timeout"),
+    ("name or service not known", "dns_error"),
+    ("temporary failure in name resolution", "dns_error"),
+    ("nodename nor servname", "dns_error"),
+    ("connection refused", "connection_error"),
+    ("connection reset", "connection_error"),
+    ("network is unreachable", "connection_error"),
+    ("remote end closed", "connection_error"),
+    ("x-robots-tag", "opted_out"),
+    ("hash mismatch", "hash_mismatch"),
+    ("image too small", "size_filtered"),
+    ("area too large", "size_filtered"),
+    ("aspect ratio", "size_filtered"),
+    ("decod", "decode_error"),
+    ("imdecode", "decode_error"),
+    ("pixels", "decode_error"),  # OpenCV refusing a declared size over its pixel limit
+    ("!buf.empty()", "decode_error"),
+)
+
+
+def classify(message: str) -> str:
+    """Outcome kind of one img2dataset status message."""
+    if message == "success":
+        return "success"
+    low = message.lower()
+    for needle, outcome in PATTERNS:
+        if needle in low:
+            return outcome
+    return "other_error"
+
+
+def read_shard_stats(shards_url: str) -> dict[str, dict]:
+    """Every finished shard's stats, by shard name (img2dataset writes `<shard>_stats.json` last)."""
+    fs, path = storage.fs_for(shards_url)
+    out = {}
+    for p in sorted(fs.glob(f"{path}/*_stats.json")):
+        name = p.rsplit("/", 1)[-1].removesuffix("_stats.json")
+        with fs.open(p, "r") as f:
+            out[name] = json.load(f)
+    return out
+
+
+def tally(stats: dict[str, dict]) -> tuple[Counter, Counter]:
+    """(outcome counts, raw message counts) summed over shards."""
+    outcomes: Counter = Counter()
+    messages: Counter = Counter()
+    for s in stats.values():
+        for message, n in s["status_dict"].items():
+            outcomes[classify(message)] += n
+            messages[message] += n
+    return outcomes, messages

@@ -1,0 +1,214 @@
+"""Typed pipeline configuration: one pydantic schema, a section per stage, YAML profiles plus overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class BrokenRows(Section):
+    """How many deliberately broken rows of each kind the synthetic source mixes in."""
+
+    http_404: int = Field(2, ge=0)
+    connection_refused: int = Field(2, ge=0)
+    slow_response: int = Field(1, ge=0)
+    not_an_image: int = Field(2, ge=0)
+    truncated_jpeg: int = Field(2, ge=0)
+    zero_bytes: int = Field(2, ge=0)
+    decompression_bomb: int = Field(1, ge=0)
+    duplicate_url: int = Field(2, ge=0)
+    empty_caption: int = Field(2, ge=0)
+    invalid_utf8_caption: int = Field(2, ge=0)
+
+
+class SyntheticSource(Section):
+    """The embedded default's LAION-style world: rendered, captioned, rated images served on 127.0.0.1."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    num_samples: int = Field(2000, ge=10, le=1_000_000, description="good rows (broken rows come on top)")
+    seed: int = 0
+    image_size: int = Field(96, ge=16, le=1024, description="short side of the rendered originals, px")
+    broken: BrokenRows = BrokenRows()
+    delay_ms: int = Field(0, ge=0, le=10_000, description="server-side delay per image, to simulate latency")
+
+
+class ParquetSource(Section):
+    """A real URL list: LAION / Re-LAION / DataComp metadata parquet files on any fsspec store."""
+
+    kind: Literal["parquet"] = "parquet"
+    paths: list[str] = Field(min_length=1, description="parquet files or folders of them (fsspec URLs)")
+
+
+class Columns(Section):
+    """Maps the source parquet's column names onto what ingest needs; extras travel into each sample's JSON."""
+
+    url: str = "URL"
+    caption: str = "TEXT"
+    extra: list[str] = ["WIDTH", "HEIGHT", "rating", "similarity", "pwatermark", "punsafe"]
+
+
+class IngestConfig(Section):
+    """img2dataset download of the URL list into webdataset shards under W/raw/."""
+
+    resolution: int = Field(64, ge=8, le=4096)
+    resize_mode: Literal["center_crop", "keep_ratio", "border", "no"] = "center_crop"
+    columns: Columns = Columns()
+    url_policy: Literal["public", "loopback"] = Field(
+        "public", description="public: only public unicast http(s) hosts; loopback: only 127.0.0.1"
+    )
+    samples_per_shard: int = Field(1000, ge=1)
+    processes: int = Field(1, ge=1)
+    threads: int = Field(16, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0, le=10)
+    encode_quality: int = Field(95, ge=1, le=100)
+    max_image_area: int = Field(40_000_000, ge=1, description="pixels; larger declared images are dropped")
+
+
+class ClipConfig(Section):
+    """The CLIP model: an open_clip architecture and, in prod, its weights by local path."""
+
+    arch: str = "tiny"
+    weights: str | None = Field(None, description="local open_clip checkpoint; None = trained by train-clip")
+
+
+class AestheticConfig(Section):
+    """The LAION aesthetic MLP on CLIP image embeddings."""
+
+    weights: str | None = Field(None, description="e.g. sac+logos+ava1-l14-linearMSE.pth; None = trained")
+    threshold: float = Field(5.0, ge=0, le=10)
+
+
+class VaeConfig(Section):
+    """The KL autoencoder: a diffusers AutoencoderKL folder in prod, trained by train-vae otherwise."""
+
+    path: str | None = Field(None, description="diffusers-layout folder; None = trained by train-vae")
+    downsample: Literal[4, 8] = 4
+
+
+class ComputeConfig(Section):
+    """Where the heavy stages run."""
+
+    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1)
+    ray_address: str | None = Field(None, description="existing Ray cluster; None = start a local one")
+
+
+class PipelineConfig(Section):
+    """The whole pipeline: one work directory URL and a section per stage."""
+
+    workdir: str = "work/local"
+    seed: int = 0
+    source: Annotated[SyntheticSource | ParquetSource, Field(discriminator="kind")] = SyntheticSource()
+    ingest: IngestConfig = IngestConfig()
+    clip: ClipConfig = ClipConfig()
+    aesthetic: AestheticConfig = AestheticConfig()
+    vae: VaeConfig = VaeConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_is_url_or_path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the field at fault."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+        self.reason = reason
+
+
+def conf_dir() -> Path:
+    """Folder holding the YAML profiles (LDM_CONF_DIR, else the repository's conf/)."""
+    return Path(os.environ.get("LDM_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def profiles() -> list[str]:
+    """Names of the profiles that exist."""
+    return sorted(p.stem for p in conf_dir().glob("*.yaml"))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split one `a.b=c` override; the value is read as YAML so numbers and lists get their types."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(item, "override must look like a.b=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({e.__class__.__name__})") from e
+    return key.strip(), value
+
+
+def _first_error(err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("synthetic", "parquet")))
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+        msg = f"{msg} (got {e['input']!r})"
+    return ConfigError(loc, msg)
+
+
+def load_config(profile: str, overrides: list[str] | None = None, workdir: str | None = None) -> PipelineConfig:
+    """Load conf/<profile>.yaml, apply `a.b=c` overrides and --workdir, and validate the result."""
+    path = conf_dir() / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError("profile", f"unknown profile {profile!r} (have: {', '.join(profiles())})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("profile", f"{path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError("profile", f"{path} must hold a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key == "source.kind" and (tree.get("source") or {}).get("kind") != value:
+            tree["source"] = {}  # switching kind: the profile's fields belong to the other kind
+        _set_dotted(tree, key, value)
+    if workdir is not None:
+        tree["workdir"] = workdir
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise _first_error(err) from None
+
+
+def section_hash(section: BaseModel | dict[str, Any]) -> str:
+    """A stable short hash of a config section, used to tell whether outputs match their config."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML, in schema order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
