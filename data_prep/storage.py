@@ -25,8 +25,15 @@ def join(url: str, *parts: str) -> str:
 
 
 def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the protocol-less path for a URL."""
-    return url_to_fs(url)
+    """The filesystem and the protocol-less path for a URL, with no stale cached listing of it.
+
+    Object-store filesystems cache directory listings per instance; other processes (img2dataset's
+    workers, a killed run) write behind our back, so every lookup starts from the store itself.
+    """
+    fs, path = url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache(path)
+    return fs, path
 
 
 def exists(url: str) -> bool:

@@ -166,7 +166,7 @@ def run_ingest(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         bytes=tar_bytes,
         resolution=cfg.ingest.resolution,
         timings={"total_s": round(time.time() - started, 2), "download_s": round(download_s, 2)},
-        images_per_s=round(new_successes / download_s, 2) if download_s > 0 else None,
+        images_per_s=round(new_successes / download_s, 2) if len(before) < expected_shards else None,
     )
     print(summary(result))
     return result
@@ -178,9 +178,9 @@ def summary(m: dict) -> str:
     width = max(len(k) for k in counts) if counts else 10
     lines = [f"ingest summary ({m['rows_in']} rows in, {len(m['shards'])} shards, {m['bytes'] / 1e6:.1f} MB)"]
     lines += [f"  {k:<{width}}  {v:>8}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
-    ips = m.get("images_per_s")
-    lines.append(
-        f"  throughput: {ips} images/s over {m['timings']['download_s']} s"
-        + (f" (resumed {m['shards_resumed']} shards)" if m.get("shards_resumed") else "")
-    )
+    resumed = f" (resumed {m['shards_resumed']} finished shards)" if m.get("shards_resumed") else ""
+    if m.get("images_per_s") is None:
+        lines.append(f"  nothing left to download{resumed}")
+    else:
+        lines.append(f"  throughput: {m['images_per_s']} images/s over {m['timings']['download_s']} s{resumed}")
     return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""The ingest stage, with real img2dataset downloads from the synthetic source on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep import storage
+from data_prep.ingest import run_ingest
+from data_prep.ingest.outcomes import classify
+from data_prep.manifest import StageError
+from tests.helpers import make_config, raw_samples, source_rows
+
+
+def test_every_broken_row_ends_in_its_failure_count(ingested):
+    cfg, manifest = ingested
+    expected = manifest["source_manifest"]["expected_outcomes"]
+    assert manifest["counts"] == expected
+    assert manifest["counts"]["success"] == manifest["source_manifest"]["good_rows"] == cfg.source.num_samples
+
+
+def test_shards_hold_exactly_the_good_rows_with_their_captions_and_ratings(ingested):
+    cfg, manifest = ingested
+    samples = raw_samples(cfg.workdir)
+    rows = source_rows(cfg.workdir)
+    assert len(samples) == manifest["source_manifest"]["good_rows"]
+    assert len({s["key"] for s in samples}) == len(samples)
+    paths = [urlsplit(s["json"]["url"]).path for s in samples]
+    assert len(set(paths)) == len(paths)  # the duplicate URL was fetched once
+    from data_prep.sources.synthetic import describe
+
+    for s, path in zip(samples, paths, strict=True):
+        row = rows[path]
+        index = int(path.rsplit("/", 1)[1].split(".")[0])
+        spec = describe(cfg.source.seed, index, cfg.source.image_size)
+        assert s["txt"] == s["json"]["caption"] == spec.caption
+        assert s["json"]["rating"] == row["rating"] == spec.rating
+        assert (s["json"]["WIDTH"], s["json"]["HEIGHT"]) == (spec.width, spec.height)
+        assert Image.open(io.BytesIO(s["jpg"])).size == (cfg.ingest.resolution,) * 2
+
+
+def test_manifest_and_per_shard_stats(ingested):
+    cfg, manifest = ingested
+    raw = storage.join(storage.normalize(cfg.workdir), "raw")
+    assert storage.read_json(storage.join(raw, "manifest.json")) == manifest
+    assert not storage.exists(storage.join(raw, "_run.json"))
+    assert sum(s["samples"] for s in manifest["shards"]) == manifest["counts"]["success"]
+    for shard in manifest["shards"]:
+        stats = storage.read_json(storage.join(raw, "shards", shard["name"].replace(".tar", "_stats.json")))
+        assert stats["successes"] == shard["samples"]
+    assert manifest["bytes"] > 0 and manifest["images_per_s"] > 0
+    assert manifest["config"]["ingest"]["resolution"] == cfg.ingest.resolution
+
+
+def test_a_finished_stage_is_skipped(ingested, capsys):
+    cfg, manifest = ingested
+    assert run_ingest(cfg) == manifest
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_output_from_another_config_is_refused_and_left_untouched(ingested):
+    cfg, _ = ingested
+    raw = Path(cfg.workdir) / "raw"
+    before = {p: p.stat().st_mtime_ns for p in raw.rglob("*")}
+    other = make_config(cfg.workdir, "ingest.resolution=16")
+    with pytest.raises(StageError, match="different config .* --overwrite"):
+        run_ingest(other)
+    assert {p: p.stat().st_mtime_ns for p in raw.rglob("*")} == before
+
+
+def test_overwrite_replaces_output_from_another_config(tmp_path):
+    cfg = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50")
+    run_ingest(cfg)
+    other = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50", "ingest.resolution=16")
+    manifest = run_ingest(other, overwrite=True)
+    assert manifest["counts"]["success"] == 20
+    assert {Image.open(io.BytesIO(s["jpg"])).size for s in raw_samples(str(tmp_path))} == {(16, 16)}
+
+
+def _parquet(path: Path, **columns) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"url": ["http://127.0.0.1:1/a.jpg"], "TEXT": ["a"]}, "no url column 'URL'"),
+        ({"URL": ["http://127.0.0.1:1/a.jpg"], "caption": ["a"]}, "no caption column 'TEXT'"),
+        ({"URL": pa.array([], pa.string()), "TEXT": pa.array([], pa.string())}, "the URL list is empty"),
+    ],
+)
+def test_bad_url_list_is_refused_before_anything_is_written(tmp_path, columns, message):
+    src = _parquet(tmp_path / "list.parquet", **columns)
+    cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{src}]")
+    with pytest.raises(StageError, match=message) as e:
+        run_ingest(cfg)
+    assert "list.parquet" in str(e.value) or "empty" in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_missing_input_file_is_named(tmp_path):
+    cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{tmp_path}/nope.parquet]")
+    with pytest.raises(StageError, match="nope.parquet does not exist"):
+        run_ingest(cfg)
+    assert not (tmp_path / "w").exists()
+
+
+def test_real_laion_columns_are_mapped_and_carried_through(tmp_path, ingested):
+    """A LAION-style parquet with other column names and similarity/pwatermark/punsafe, served locally."""
+    from data_prep.sources import serve_synthetic
+
+    cfg0, _ = ingested
+    with serve_synthetic(cfg0.source, slow_s=2) as base:
+        src = _parquet(
+            tmp_path / "laion.parquet",
+            link=[f"{base}/img/{i}.jpg" for i in range(3)],
+            caption_text=["one", "two", "three"],
+            similarity=[0.31, 0.29, 0.35],
+            pwatermark=[0.1, 0.9, 0.2],
+            punsafe=[0.01, 0.02, 0.5],
+        )
+        cfg = make_config(
+            tmp_path / "w",
+            "source.kind=parquet",
+            f"source.paths=[{src}]",
+            "ingest.columns.url=link",
+            "ingest.columns.caption=caption_text",
+        )
+        manifest = run_ingest(cfg)
+    assert manifest["counts"] == {"success": 3}
+    by_caption = {s["txt"]: s["json"] for s in raw_samples(str(tmp_path / "w"))}
+    assert by_caption["two"]["similarity"] == 0.29 and by_caption["two"]["pwatermark"] == 0.9
+    assert by_caption["three"]["punsafe"] == 0.5
+
+
+def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
+    ref_cfg, ref = ingested
+    overrides = ["--set", "source.delay_ms=150", "--set", "ingest.threads=2", "--set", "ingest.samples_per_shard=20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ldm.cli",
+        "stage",
+        "ingest",
+        "--profile",
+        "test",
+        "--workdir",
+        str(tmp_path),
+        *overrides,
+    ]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "raw" / "shards"
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("*_stats.json"))) < 2:
+        assert proc.poll() is None, "ingest finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage, its img2dataset workers and the source server
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*_stats.json")}
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+    cfg = make_config(tmp_path, *overrides[1::2])
+    manifest = run_ingest(cfg)
+    assert manifest["shards_resumed"] == len(done_before) < len(manifest["shards"])
+    for name, mtime in done_before.items():  # finished shards were not redone
+        assert (shards / name).stat().st_mtime_ns == mtime
+    assert manifest["counts"] == ref["counts"]
+    resumed = {(urlsplit(s["json"]["url"]).path, s["txt"]) for s in raw_samples(str(tmp_path))}
+    uninterrupted = {(urlsplit(s["json"]["url"]).path, s["txt"]) for s in raw_samples(ref_cfg.workdir)}
+    assert resumed == uninterrupted
+
+
+def test_ingest_writes_to_s3(s3_bucket):
+    workdir = f"{s3_bucket}/w"
+    cfg = make_config(workdir, "source.num_samples=30", "source.broken.slow_response=0")
+    manifest = run_ingest(cfg)
+    assert manifest["counts"]["success"] == 30
+    assert storage.read_json(f"{workdir}/raw/manifest.json")["counts"] == manifest["counts"]
+    samples = raw_samples(workdir)
+    assert len(samples) == 30 and all(s["txt"] for s in samples)
+    assert run_ingest(cfg)["finished"] == manifest["finished"]  # up to date on s3 too
+
+
+@pytest.mark.parametrize(
+    ("message", "outcome"),
+    [
+        ("HTTP Error 404: Not Found", "http_error"),
+        ("<urlopen error timed out>", "timeout"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("<urlopen error [Errno 101] Network is unreachable>", "connection_error"),
+        ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+        ("Image decoding error", "decode_error"),
+        ("Use of image disallowed by X-Robots-Tag directive", "opted_out"),
+        ("something new", "other_error"),
+        ("success", "success"),
+    ],
+)
+def test_img2dataset_messages_are_classified(message, outcome):
+    assert classify(message) == outcome
