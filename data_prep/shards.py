@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from data_prep import storage
 
@@ -35,3 +41,64 @@ def iter_samples(tar_url: str) -> Iterator[dict[str, Any]]:
                 current[ext] = data
         if current:
             yield current
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read to the end (truncated or corrupt tar)."""
+
+
+def read_shard(tar_url: str) -> list[dict[str, Any]]:
+    """All samples of one shard, or ShardError: a shard is used whole or not at all."""
+    try:
+        return list(iter_samples(tar_url))
+    except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{tar_url}: {e.__class__.__name__}: {e}") from e
+
+
+def shard_urls(folder_url: str) -> list[str]:
+    """Sorted URLs of the webdataset tars in a folder."""
+    return storage.listdir(folder_url, "*.tar")
+
+
+@dataclass
+class ImageSet:
+    """Decoded samples held in memory: enough for the embedded default's component training."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    captions: list[str]
+    meta: list[dict[str, Any]]
+    keys: list[str]
+    skipped: list[str] = field(default_factory=list)  # shards that could not be read, with the reason
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def decode_rgb(data: bytes, resolution: int | None = None) -> np.ndarray:
+    """Decode image bytes to uint8 HxWx3, centre-cropped and resized to a square if resolution is set."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if resolution is not None and img.size != (resolution, resolution):
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image_set(folder_url: str, resolution: int | None = None, image_ext: str = "jpg") -> ImageSet:
+    """Read every sample of every shard in a folder; unreadable shards are skipped with a warning."""
+    images, captions, meta, keys, skipped = [], [], [], [], []
+    for url in shard_urls(folder_url):
+        try:
+            samples = read_shard(url)
+        except ShardError as e:
+            warnings.warn(f"skipping unreadable shard {e}", stacklevel=2)
+            skipped.append(str(e))
+            continue
+        for s in samples:
+            images.append(decode_rgb(s[image_ext], resolution))
+            captions.append(s.get("txt", ""))
+            meta.append(s.get("json", {}))
+            keys.append(s["key"])
+    arr = np.stack(images) if images else np.zeros((0, resolution or 0, resolution or 0, 3), np.uint8)
+    return ImageSet(arr, captions, meta, keys, skipped)

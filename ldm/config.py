@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -78,24 +78,76 @@ class IngestConfig(Section):
 
 
 class ClipConfig(Section):
-    """The CLIP model: an open_clip architecture and, in prod, its weights by local path."""
+    """The CLIP model: an open_clip architecture with weights by local path, or the tiny one train-clip makes."""
 
-    arch: str = "tiny"
-    weights: str | None = Field(None, description="local open_clip checkpoint; None = trained by train-clip")
+    arch: str = Field("tiny", description="'tiny' (trained by train-clip) or an open_clip name, e.g. ViT-H-14")
+    weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
+    # Size of the tiny model the embedded default trains.
+    embed_dim: int = Field(128, ge=8)
+    vision_width: int = Field(192, ge=16)
+    vision_layers: int = Field(4, ge=1)
+    patch_size: int = Field(8, ge=2)
+    text_width: int = Field(128, ge=16)
+    text_layers: int = Field(4, ge=1)
+    context_length: int = Field(32, ge=8, le=77)
+    # Training (embedded default only).
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    eval_samples: int = Field(500, ge=100, description="held-out samples rendered for the retrieval report")
 
 
 class AestheticConfig(Section):
-    """The LAION aesthetic MLP on CLIP image embeddings."""
+    """The LAION aesthetic MLP on L2-normalised CLIP image embeddings."""
 
     weights: str | None = Field(None, description="e.g. sac+logos+ava1-l14-linearMSE.pth; None = trained")
-    threshold: float = Field(5.0, ge=0, le=10)
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=2)
+    holdout: float = Field(0.2, gt=0, lt=1, description="fraction of rated samples kept for the Spearman report")
+
+
+class FilterConfig(Section):
+    """Which raw samples reach W/filtered/: thresholds on the scores."""
+
+    aesthetic_min: float = Field(5.0, ge=0, le=10)
+    similarity_min: float = Field(0.0, ge=-1, le=1, description="CLIP image-text cosine; LAION-2B used 0.28 (B/32)")
+    min_size: int = Field(0, ge=0, description="minimum original short side, px")
+    pwatermark_max: float = Field(0.8, ge=0, le=1)
+    punsafe_max: float = Field(0.5, ge=0, le=1)
+    batch_size: int = Field(256, ge=1)
 
 
 class VaeConfig(Section):
     """The KL autoencoder: a diffusers AutoencoderKL folder in prod, trained by train-vae otherwise."""
 
     path: str | None = Field(None, description="diffusers-layout folder; None = trained by train-vae")
-    downsample: Literal[4, 8] = 4
+    downsample: Literal[2, 4, 8] = 4
+    block_channels: list[int] = Field([32, 64, 64], min_length=2, max_length=4)
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    # Training (embedded default only).
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    lpips_weights: str | None = Field(None, description="local LPIPS weights; the loss runs only when present")
+
+    @model_validator(mode="after")
+    def _downsample_matches_blocks(self) -> VaeConfig:
+        if self.path is None and 2 ** (len(self.block_channels) - 1) != self.downsample:
+            raise ValueError(
+                f"downsample {self.downsample} needs {self.downsample.bit_length()} block_channels, "
+                f"got {len(self.block_channels)}"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    """MLflow: where runs are logged."""
+
+    uri: str | None = Field(None, description="tracking URI; None = sqlite:///<workdir>/mlflow.db (local workdir)")
+    experiment: str = "ldm-pipeline"
 
 
 class ComputeConfig(Section):
@@ -115,8 +167,10 @@ class PipelineConfig(Section):
     ingest: IngestConfig = IngestConfig()
     clip: ClipConfig = ClipConfig()
     aesthetic: AestheticConfig = AestheticConfig()
+    filter: FilterConfig = FilterConfig()
     vae: VaeConfig = VaeConfig()
     compute: ComputeConfig = ComputeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("workdir")
     @classmethod
