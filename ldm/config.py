@@ -131,7 +131,6 @@ class VaeConfig(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
-    lpips_weights: str | None = Field(None, description="local LPIPS weights; the loss runs only when present")
 
     @model_validator(mode="after")
     def _downsample_matches_blocks(self) -> VaeConfig:
