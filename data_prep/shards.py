@@ -102,3 +102,27 @@ def load_image_set(folder_url: str, resolution: int | None = None, image_ext: st
             keys.append(s["key"])
     arr = np.stack(images) if images else np.zeros((0, resolution or 0, resolution or 0, 3), np.uint8)
     return ImageSet(arr, captions, meta, keys, skipped)
+
+
+def write_shard(tar_url: str, samples: list[dict[str, Any]]) -> None:
+    """Write samples as a webdataset tar, atomically (a reader never sees half a shard).
+
+    Each sample is a dict with `key` and one entry per extension: dicts become .json, str .txt, bytes as-is.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for s in samples:
+            for ext, value in s.items():
+                if ext == "key":
+                    continue
+                if isinstance(value, dict):
+                    data = json.dumps(value, sort_keys=True).encode()
+                elif isinstance(value, str):
+                    data = value.encode("utf-8")
+                else:
+                    data = bytes(value)
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes_atomic(tar_url, buf.getvalue())

@@ -1,0 +1,218 @@
+"""The filter stage: score every raw sample with CLIP and the aesthetic MLP, keep those above the thresholds."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data_prep import manifest, storage
+from data_prep.filter.report import GOOD_RATING, histogram_png, precision_recall
+from data_prep.shards import ShardError, decode_rgb, read_shard, shard_urls, write_shard
+from ldm.config import FilterConfig, PipelineConfig
+
+STAGE = "filter"
+REASONS = ("low_aesthetic", "low_similarity", "too_small", "watermark", "unsafe")
+
+
+def drop_reason(meta: dict, aesthetic: float, similarity: float, fcfg: FilterConfig) -> str | None:
+    """The first threshold a sample fails, or None to keep it."""
+    if aesthetic < fcfg.aesthetic_min:
+        return "low_aesthetic"
+    if similarity < fcfg.similarity_min:
+        return "low_similarity"
+    w = meta.get("original_width") or meta.get("WIDTH")
+    h = meta.get("original_height") or meta.get("HEIGHT")
+    if fcfg.min_size and w and h and min(w, h) < fcfg.min_size:
+        return "too_small"
+    if meta.get("pwatermark") is not None and meta["pwatermark"] > fcfg.pwatermark_max:
+        return "watermark"
+    if meta.get("punsafe") is not None and meta["punsafe"] > fcfg.punsafe_max:
+        return "unsafe"
+    return None
+
+
+class Scorer:
+    """Scores samples in batches: aesthetic (MLP on normalised CLIP image embeddings) and image-text cosine."""
+
+    def __init__(self, encoder, mlp: torch.nn.Module, resolution: int, batch_size: int):
+        self.encoder, self.mlp, self.resolution, self.batch_size = encoder, mlp.eval(), resolution, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(aesthetic [N], similarity [N]) for uint8 images [N,H,W,3] and their captions."""
+        aesthetic, similarity = [], []
+        for i in range(0, len(captions), self.batch_size):
+            img = self.encoder.encode_images(images[i : i + self.batch_size])
+            txt = self.encoder.encode_text(captions[i : i + self.batch_size])
+            aesthetic.append(self.mlp(img).float().numpy())
+            similarity.append((img * txt).sum(-1).float().numpy())
+        if not aesthetic:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(aesthetic), np.concatenate(similarity)
+
+
+def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConfig) -> dict:
+    """Score one raw shard; write its kept samples, every sample's scores, then its stats (the done marker)."""
+    samples = read_shard(tar_url)
+    name = tar_url.rsplit("/", 1)[1].removesuffix(".tar")
+    images = np.stack([decode_rgb(s["jpg"], scorer.resolution) for s in samples]) if samples else np.zeros(0)
+    aesthetic, similarity = scorer(images, [s.get("txt", "") for s in samples])
+    kept, rows = [], []
+    for s, a, c in zip(samples, aesthetic.tolist(), similarity.tolist(), strict=True):
+        meta = s.get("json", {})
+        reason = drop_reason(meta, a, c, fcfg)
+        rows.append({"key": s["key"], "aesthetic": a, "similarity": c, "rating": meta.get("rating"), "reason": reason})
+        if reason is None:
+            kept.append({**s, "json": {**meta, "aesthetic": round(a, 4), "similarity": round(c, 4)}})
+    write_shard(storage.join(shards_out, f"{name}.tar"), kept)
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("aesthetic", pa.float64()),
+            ("similarity", pa.float64()),
+            ("rating", pa.float64()),
+            ("reason", pa.string()),
+        ]
+    )
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    storage.write_bytes_atomic(storage.join(shards_out, f"{name}_scores.parquet"), buf.getvalue())
+    stats = {
+        "samples": len(samples),
+        "kept": len(kept),
+        "dropped": dict(Counter(r["reason"] for r in rows if r["reason"])),
+    }
+    storage.write_json_atomic(storage.join(shards_out, f"{name}_stats.json"), stats)
+    return stats
+
+
+def _upstream(cfg: PipelineConfig, workdir: str) -> dict:
+    """Config hashes of the raw shards and of the models that score them."""
+    hashes = {}
+    for key, sub, needed in (
+        ("raw", "raw", True),
+        ("clip", "models/clip", True),
+        ("aesthetic", "models/aesthetic", True),
+    ):
+        url = storage.join(workdir, sub, manifest.MANIFEST)
+        if needed and not storage.exists(url):
+            stage = {"raw": "ingest", "clip": "train-clip", "aesthetic": "train-aesthetic"}[key]
+            raise manifest.StageError(f"{url} does not exist: run the {stage} stage first")
+        hashes[key] = storage.read_json(url)["config_hash"]
+    return hashes
+
+
+def _read_scores(shards_out: str) -> pa.Table:
+    fs, path = storage.fs_for(shards_out)
+    tables = []
+    for p in sorted(fs.glob(f"{path}/*_scores.parquet")):
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else pa.table({"aesthetic": [], "similarity": [], "reason": []})
+
+
+def run_filter(cfg: PipelineConfig, overwrite: bool = False) -> dict:
+    """Filter W/raw/shards into W/filtered/shards; write filter_report.json and a score histogram."""
+    from ldm.aesthetic.stage import load_scorer
+    from ldm.clip.encoder import load_encoder
+    from ldm.tracking import mlflow_run
+
+    workdir = storage.normalize(cfg.workdir)
+    out, shards_out = storage.join(workdir, "filtered"), storage.join(workdir, "filtered", "shards")
+    section = {"filter": cfg.filter.model_dump(mode="json"), "resolution": cfg.ingest.resolution}
+    chash = manifest.digest({**section, "upstream": _upstream(cfg, workdir)})
+    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
+        print(f"filter: {out} is up to date; skipping")
+        return storage.read_json(storage.join(out, manifest.MANIFEST))
+    t0 = time.time()
+    encoder = load_encoder(cfg)
+    scorer = Scorer(encoder, load_scorer(cfg, encoder.embed_dim), cfg.ingest.resolution, cfg.filter.batch_size)
+    manifest.begin(out, STAGE, chash)
+    raw_shards = shard_urls(storage.join(workdir, "raw", "shards"))
+    fs, out_path = storage.fs_for(shards_out)
+    done = {p.rsplit("/", 1)[1].removesuffix("_stats.json") for p in fs.glob(f"{out_path}/*_stats.json")}
+    skipped: list[str] = []
+    for url in tqdm(raw_shards, desc="filter", unit="shard"):
+        if url.rsplit("/", 1)[1].removesuffix(".tar") in done:
+            continue
+        try:
+            filter_shard(url, shards_out, scorer, cfg.filter)
+        except ShardError as e:
+            warnings.warn(f"filter: skipping unreadable shard {e}", stacklevel=1)
+            skipped.append(str(e))
+    scores = _read_scores(shards_out)
+    reasons = Counter(r for r in scores.column("reason").to_pylist() if r)
+    counts = {
+        "samples": scores.num_rows,
+        "kept": scores.num_rows - sum(reasons.values()),
+        **{r: reasons.get(r, 0) for r in REASONS},
+    }
+    report: dict = {"counts": counts, "thresholds": cfg.filter.model_dump(mode="json"), "skipped_shards": skipped}
+    ratings = np.array([np.nan if r is None else r for r in scores.column("rating").to_pylist()], dtype=float)
+    rated = ~np.isnan(ratings)
+    if rated.any():  # ground truth only exists where the source ships ratings (the synthetic one)
+        aesthetic = scores.column("aesthetic").to_numpy()[rated]
+        report["ground_truth"] = {
+            "good_rating": GOOD_RATING,
+            "rated_samples": int(rated.sum()),
+            **precision_recall(aesthetic, ratings[rated], cfg.filter.aesthetic_min),
+        }
+    storage.write_json_atomic(storage.join(out, "filter_report.json"), report)
+    png = histogram_png(scores, cfg.filter)
+    storage.write_bytes_atomic(storage.join(out, "scores.png"), png)
+    metrics = {
+        "kept": counts["kept"],
+        "kept_fraction": counts["kept"] / max(1, counts["samples"]),
+        "seconds": round(time.time() - t0, 2),
+    }
+    if "ground_truth" in report:
+        metrics |= {k: report["ground_truth"][k] for k in ("precision", "recall")}
+    with mlflow_run(cfg, STAGE, section) as mlf:
+        mlf.log_metrics(metrics)
+        mlf.log_dict(report, "filter_report.json")
+        from PIL import Image
+
+        mlf.log_image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), "scores.png")
+    fs, out_path = storage.fs_for(shards_out)  # a fresh listing: the shards were written since
+    stats = {
+        p.rsplit("/", 1)[1].removesuffix("_stats.json"): json.loads(fs.cat(p))
+        for p in fs.glob(f"{out_path}/*_stats.json")
+    }
+    result = manifest.commit(
+        out,
+        STAGE,
+        chash,
+        section,
+        counts=counts,
+        skipped_shards=len(skipped),
+        metrics=metrics,
+        shards=[{"name": f"{k}.tar", "samples": v["kept"]} for k, v in sorted(stats.items())],
+        report=storage.join(out, "filter_report.json"),
+    )
+    print(summary(report))
+    return result
+
+
+def summary(report: dict) -> str:
+    """A human summary of the filter report."""
+    c = report["counts"]
+    lines = [f"filter summary: kept {c['kept']} of {c['samples']} samples"]
+    lines += [f"  dropped {r:<15} {c[r]:>7}" for r in REASONS if c[r]]
+    if report["skipped_shards"]:
+        lines.append(f"  skipped {len(report['skipped_shards'])} unreadable shard(s)")
+    gt = report.get("ground_truth")
+    if gt:
+        lines.append(
+            f"  vs ground-truth ratings (good = rating >= {gt['good_rating']:g}): "
+            f"precision {gt['precision']:.3f}, recall {gt['recall']:.3f}"
+        )
+    return "\n".join(lines)
