@@ -22,15 +22,44 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="root URL of all outputs (file:// or s3://)")
 
 
-def _stage_ingest(cfg: PipelineConfig, args: argparse.Namespace) -> None:
+# Stages in pipeline order; `ldm run` runs them all. Imports are deferred so `ldm config show`
+# stays fast and a stage only loads what it uses.
+def _ingest(cfg: PipelineConfig, overwrite: bool) -> dict:
     from data_prep.ingest import run_ingest
 
-    run_ingest(cfg, overwrite=args.overwrite)
+    return run_ingest(cfg, overwrite)
 
 
-# Stages in pipeline order; `ldm run` runs them all. Later stages register here.
-STAGES: dict[str, Callable[[PipelineConfig, argparse.Namespace], None]] = {
-    "ingest": _stage_ingest,
+def _train_clip(cfg: PipelineConfig, overwrite: bool) -> dict:
+    from ldm.clip.stage import run_train_clip
+
+    return run_train_clip(cfg, overwrite)
+
+
+def _train_aesthetic(cfg: PipelineConfig, overwrite: bool) -> dict:
+    from ldm.aesthetic.stage import run_train_aesthetic
+
+    return run_train_aesthetic(cfg, overwrite)
+
+
+def _filter(cfg: PipelineConfig, overwrite: bool) -> dict:
+    from data_prep.filter import run_filter
+
+    return run_filter(cfg, overwrite)
+
+
+def _train_vae(cfg: PipelineConfig, overwrite: bool) -> dict:
+    from ldm.autoencoder.stage import run_train_vae
+
+    return run_train_vae(cfg, overwrite)
+
+
+STAGES: dict[str, Callable[[PipelineConfig, bool], dict]] = {
+    "ingest": _ingest,
+    "train-clip": _train_clip,
+    "train-aesthetic": _train_aesthetic,
+    "filter": _filter,
+    "train-vae": _train_vae,
 }
 
 
@@ -71,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [args.name] if args.command == "stage" else list(STAGES)
     try:
         for name in names:
-            STAGES[name](cfg, args)
+            STAGES[name](cfg, args.overwrite)
     except StageError as e:
         print(f"ldm: error: {e}", file=sys.stderr)
         return 1

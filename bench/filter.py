@@ -1,0 +1,84 @@
+"""Filter throughput: the stage's batched shard scoring against a naive one-image-at-a-time loop.
+
+Both read the same raw shards, decode, score with the same CLIP and aesthetic MLP, apply the same
+thresholds and write the kept samples; runs alternate so machine noise hits both alike.
+Needs a work directory where ingest, train-clip and train-aesthetic have run (e.g. after `make demo`).
+
+    .venv/bin/python bench/filter.py --workdir work/local [--shards 4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from data_prep import storage
+from data_prep.filter import Scorer, drop_reason, filter_shard
+from data_prep.shards import decode_rgb, read_shard, shard_urls, write_shard
+from ldm.aesthetic.stage import load_scorer
+from ldm.clip.encoder import load_encoder
+from ldm.config import load_config
+
+
+@torch.no_grad()
+def naive_filter_shard(tar_url: str, out: str, encoder, mlp, cfg) -> int:
+    """The baseline: every sample decoded and scored on its own, then the kept ones written."""
+    kept = []
+    samples = read_shard(tar_url)
+    for s in samples:
+        img = encoder.encode_images(decode_rgb(s["jpg"], cfg.ingest.resolution)[None])
+        txt = encoder.encode_text([s["txt"]])
+        a, c = float(mlp(img)[0]), float((img * txt).sum())
+        if drop_reason(s["json"], a, c, cfg.filter) is None:
+            kept.append({**s, "json": {**s["json"], "aesthetic": a, "similarity": c}})
+    write_shard(storage.join(out, tar_url.rsplit("/", 1)[1]), kept)
+    return len(samples)
+
+
+def main() -> None:
+    """Run both side by side and print images/s and the ratio."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", default="work/local")
+    p.add_argument("--profile", default="local")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    cfg = load_config(a.profile, [], a.workdir)
+    torch.set_num_threads(os.cpu_count() or 1)
+    encoder = load_encoder(cfg)
+    mlp = load_scorer(cfg, encoder.embed_dim)
+    scorer = Scorer(encoder, mlp, cfg.ingest.resolution, cfg.filter.batch_size)
+    shards = shard_urls(storage.join(storage.normalize(cfg.workdir), "raw", "shards"))[: a.shards]
+    results: dict[str, list[float]] = {"naive loop": [], "filter stage": []}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def naive(r: int) -> float:
+            t0 = time.perf_counter()
+            n = sum(naive_filter_shard(u, f"{tmp}/naive{r}", encoder, mlp, cfg) for u in shards)
+            return n / (time.perf_counter() - t0)
+
+        def ours(r: int) -> float:
+            t0 = time.perf_counter()
+            n = sum(filter_shard(u, f"{tmp}/ours{r}", scorer, cfg.filter)["samples"] for u in shards)
+            return n / (time.perf_counter() - t0)
+
+        naive(-1), ours(-1)  # warm-up
+        for r in range(a.repeats):
+            order = [("naive loop", naive), ("filter stage", ours)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                results[name].append(fn(r))
+    n = sum(len(read_shard(u)) for u in shards)
+    print(f"\n{n} samples in {len(shards)} shards, {os.cpu_count()} cores, batch {cfg.filter.batch_size} (images/s)")
+    for name, xs in results.items():
+        print(f"  {name:<13} median {statistics.median(xs):8.1f}   runs {', '.join(f'{x:.1f}' for x in xs)}")
+    ratio = statistics.median(results["filter stage"]) / statistics.median(results["naive loop"])
+    print(f"  ratio stage/naive: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
