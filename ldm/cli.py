@@ -54,12 +54,19 @@ def _train_vae(cfg: PipelineConfig, overwrite: bool) -> dict:
     return run_train_vae(cfg, overwrite)
 
 
+def _precompute(cfg: PipelineConfig, overwrite: bool) -> dict:
+    from data_prep.precompute import run_precompute
+
+    return run_precompute(cfg, overwrite)
+
+
 STAGES: dict[str, Callable[[PipelineConfig, bool], dict]] = {
     "ingest": _ingest,
     "train-clip": _train_clip,
     "train-aesthetic": _train_aesthetic,
     "filter": _filter,
     "train-vae": _train_vae,
+    "precompute": _precompute,
 }
 
 

@@ -142,6 +142,15 @@ class VaeConfig(Section):
         return self
 
 
+class PrecomputeConfig(Section):
+    """Ray Data precompute of VAE latents and text embeddings into W/latents/."""
+
+    latent: Literal["mean", "sample"] = Field("mean", description="store the posterior mean, or a seeded sample")
+    batch_size: int = Field(64, ge=1, description="rows per encoder call")
+    actors: int | None = Field(None, ge=1, description="actors per encoder pool; None = what the cluster allows")
+    object_store_mb: int = Field(512, ge=64, description="object store of a locally started Ray cluster")
+
+
 class TrackingConfig(Section):
     """MLflow: where runs are logged."""
 
@@ -168,6 +177,7 @@ class PipelineConfig(Section):
     aesthetic: AestheticConfig = AestheticConfig()
     filter: FilterConfig = FilterConfig()
     vae: VaeConfig = VaeConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
 

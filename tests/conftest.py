@@ -71,3 +71,21 @@ def s3_bucket(s3_server, request):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def components(tmp_path_factory, ingested):
+    """train-clip, train-aesthetic and filter run on a copy of the ingested test data: (config, manifests)."""
+    import shutil
+    from pathlib import Path
+
+    from data_prep.filter import run_filter
+    from ldm.aesthetic.stage import run_train_aesthetic
+    from ldm.clip.stage import run_train_clip
+
+    src, _ = ingested
+    workdir = tmp_path_factory.mktemp("components")
+    shutil.copytree(Path(src.workdir) / "raw", workdir / "raw")
+    cfg = make_config(workdir)
+    manifests = {"clip": run_train_clip(cfg), "aesthetic": run_train_aesthetic(cfg), "filter": run_filter(cfg)}
+    return cfg, manifests

@@ -1,0 +1,187 @@
+"""Precompute: the Ray Data stage against a single-process sequential loop, and peak memory vs dataset size.
+
+1. Throughput: both decode, VAE-encode, text-encode and write Parquet for the same filtered shards
+   with the same models. The Ray cluster is started before timing (as on a real cluster); its
+   start-up is printed separately. Alternating runs; medians and the ratio are printed.
+2. Streaming: peak RSS of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
+   workers) at 2,000 and at 8,000 rows, made by replicating the filtered shards.
+
+Needs a work directory where the pipeline ran up to train-vae (e.g. after `make demo`):
+
+    .venv/bin/python bench/precompute.py --workdir work/local [--repeats 3] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from data_prep import storage
+from data_prep.precompute import SCHEMA, run_precompute
+from data_prep.shards import decode_rgb, read_shard, shard_urls
+from ldm.config import load_config
+
+
+@torch.no_grad()
+def sequential(cfg, shards: list[str], out: Path) -> int:
+    """The baseline: one process, one shard after another, the same decode/encode/write."""
+    from ldm.autoencoder.model import load_vae
+    from ldm.clip.encoder import load_encoder
+
+    vae, encoder = load_vae(cfg).eval(), load_encoder(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for url in shards:
+        samples = read_shard(url)
+        rows = []
+        for i in range(0, len(samples), cfg.precompute.batch_size):
+            chunk = samples[i : i + cfg.precompute.batch_size]
+            px = np.stack([decode_rgb(s["jpg"], cfg.ingest.resolution) for s in chunk])
+            x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1
+            z = vae.encode(x).latent_dist.mean.numpy().astype(np.float16)
+            states, lengths = encoder.token_states([s["txt"] for s in chunk])
+            st = states.numpy().astype(np.float16)
+            for s, zi, si, li in zip(chunk, z, st, lengths.tolist(), strict=True):
+                meta = s["json"]
+                rows.append({"key": s["key"], "latent": zi.tobytes(), "scale_factor": 1.0, "latent_is_sample": False,
+                             "text_emb": si[:li].tobytes(), "text_len": li, "caption": s["txt"],
+                             "aesthetic": meta.get("aesthetic"), "similarity": meta.get("similarity")})  # fmt: skip
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf)
+        (out / url.rsplit("/", 1)[1].replace(".tar", ".parquet")).write_bytes(buf.getvalue())
+        n += len(samples)
+    return n
+
+
+def stage_workdir(src: Path, dest: Path, copies: int = 1) -> int:
+    """A work directory with the source's models and its filtered shards replicated `copies` times."""
+    shutil.copytree(src / "models", dest / "models")
+    fm = storage.read_json(str(src / "filtered" / "manifest.json"))
+    (dest / "filtered" / "shards").mkdir(parents=True)
+    shards = []
+    for c in range(copies):
+        for s in fm["shards"]:
+            name = f"{c:03d}{s['name']}"
+            shutil.copy(src / "filtered" / "shards" / s["name"], dest / "filtered" / "shards" / name)
+            shards.append({"name": name, "samples": s["samples"]})
+    storage.write_json_atomic(str(dest / "filtered" / "manifest.json"), {**fm, "shards": shards})
+    return sum(s["samples"] for s in shards)
+
+
+def _tree_rss(root: int) -> int:
+    """Summed RSS (bytes) of a process and all its descendants, read from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Run a command; return the peak summed RSS of its whole process tree, sampled every 0.2 s."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} failed with {proc.returncode}")
+    return peak / 2**20
+
+
+def main() -> None:
+    """Print throughput of both and the RSS comparison."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", default="work/local")
+    p.add_argument("--profile", default="local")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-rss", action="store_true")
+    a = p.parse_args()
+    src = Path(a.workdir).resolve()
+    results: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        n = stage_workdir(src, base / "in")
+        cfg = load_config(a.profile, [], str(base / "in"))
+        shards = shard_urls(storage.join(storage.normalize(str(base / "in")), "filtered", "shards"))
+        from data_prep.ray_cluster import ensure_ray
+
+        t0 = time.perf_counter()
+        ensure_ray(cfg, cfg.precompute.object_store_mb)
+        startup = time.perf_counter() - t0
+
+        def seq(r: int) -> float:
+            t = time.perf_counter()
+            sequential(cfg, shards, base / f"seq{r}")
+            return n / (time.perf_counter() - t)
+
+        def ours(r: int) -> float:
+            shutil.rmtree(base / "in" / "latents", ignore_errors=True)
+            t = time.perf_counter()
+            run_precompute(cfg)
+            return n / (time.perf_counter() - t)
+
+        seq(-1), ours(-1)  # warm-up: worker start, page cache
+        for r in range(a.repeats):
+            order = [("sequential loop", seq), ("ray data stage", ours)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                results[name].append(fn(r))
+        print(
+            f"\n{n} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px (images/s; Ray start-up {startup:.1f} s"
+            " not included)"
+        )
+        for name, xs in results.items():
+            print(f"  {name:<16} median {statistics.median(xs):7.1f}   runs {', '.join(f'{x:.1f}' for x in xs)}")
+        ratio = statistics.median(results["ray data stage"]) / statistics.median(results["sequential loop"])
+        print(f"  ratio stage/sequential: {ratio:.2f}x")
+        if a.skip_rss:
+            return
+        import ray
+
+        ray.shutdown()
+        per_copy = n
+        peaks = {}
+        for rows_wanted in (2000, 8000):
+            copies = max(1, round(rows_wanted / per_copy))
+            d = base / f"rss{rows_wanted}"
+            rows = stage_workdir(src, d, copies)
+            cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", a.profile, "--workdir", str(d)]
+            peaks[rows] = peak_rss_mb(cmd)
+        (r1, m1), (r2, m2) = sorted(peaks.items())
+        print(
+            f"\npeak RSS of the process tree: {r1} rows {m1:.0f} MB, {r2} rows {m2:.0f} MB "
+            f"(+{100 * (m2 / m1 - 1):.1f}% for {r2 / r1:.1f}x the rows)"
+        )
+
+
+if __name__ == "__main__":
+    main()

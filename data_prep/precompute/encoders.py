@@ -1,0 +1,116 @@
+"""Ray Data stages of the precompute: shard reading, decoding, and the two encoders as callable classes.
+
+Each callable class loads its model once in `__init__` (once per actor) and keeps `__call__(batch)`
+a pure function of the batch; resources are set where `map_batches` is called.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+
+from data_prep.shards import decode_rgb, read_shard
+
+Batch = dict[str, np.ndarray]
+
+
+def shard_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """flat_map: one filtered shard -> its samples as rows (image bytes still encoded)."""
+    rows = []
+    for s in read_shard(item["url"]):
+        meta = s.get("json", {})
+        rows.append({
+            "shard": item["name"],
+            "key": s["key"],
+            "jpg": s["jpg"],
+            "caption": s.get("txt", ""),
+            "aesthetic": float(meta.get("aesthetic", np.nan)),
+            "similarity": float(meta.get("similarity", np.nan)),
+        })  # fmt: skip
+    return rows
+
+
+def decode_images(batch: Batch, resolution: int) -> Batch:
+    """map_batches (CPU tasks): JPEG bytes -> uint8 pixels [B, H, W, 3] at the training resolution."""
+    out = {k: v for k, v in batch.items() if k != "jpg"}
+    out["pixels"] = np.stack([decode_rgb(b, resolution) for b in batch["jpg"]])
+    return out
+
+
+def _threads(use_gpu: bool) -> None:
+    import torch
+
+    if not use_gpu:
+        torch.set_num_threads(1)  # one core per actor: Ray runs as many actors as cores allow
+
+
+class VaeLatentEncoder:
+    """Encodes pixels to VAE latents (posterior mean, or a sample seeded per key); fp16 bytes per row."""
+
+    def __init__(self, cfg_dict: dict[str, Any], latent: str, seed: int):
+        import torch
+
+        from ldm.autoencoder.model import load_vae
+        from ldm.config import PipelineConfig
+
+        cfg = PipelineConfig.model_validate(cfg_dict)
+        _threads(cfg.compute.use_gpu)
+        self.device = torch.device("cuda" if cfg.compute.use_gpu and torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        vae = load_vae(cfg).to(self.device, self.dtype).eval()
+        if self.device.type == "cuda":
+            vae = vae.to(memory_format=torch.channels_last)
+        self.vae, self.latent, self.seed = vae, latent, seed
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Add `latent` (fp16 bytes, [C,h,w] per row); drop the pixels."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2)
+        x = (x.to(self.device, self.dtype) / 127.5 - 1.0).contiguous(
+            memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        )
+        with torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+            z = dist.mean
+            if self.latent == "sample":  # noise seeded by the row's key: the same whatever the batching
+                eps = torch.stack([
+                    torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(self._row_seed(k)))
+                    for k in batch["key"]
+                ]).to(z)  # fmt: skip
+                z = z + dist.std * eps
+        z = z.float().cpu().numpy().astype(np.float16)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["latent"] = np.array([row.tobytes() for row in z], dtype=object)
+        return out
+
+    def _row_seed(self, key: str) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(str(key).encode())) % 2**63
+
+
+class TextEmbedder:
+    """Encodes captions to per-token CLIP states, trimmed to each caption's true length; fp16 bytes per row."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        import torch
+
+        from ldm.clip.encoder import load_encoder
+        from ldm.config import PipelineConfig
+
+        cfg = PipelineConfig.model_validate(cfg_dict)
+        _threads(cfg.compute.use_gpu)
+        self.encoder = load_encoder(cfg)
+        if cfg.compute.use_gpu and torch.cuda.is_available():
+            self.encoder.model.to("cuda").half()
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Add `text_emb` (fp16 bytes, [len, D] per row) and `text_len`."""
+        states, lengths = self.encoder.token_states(list(batch["caption"]))
+        states = states.numpy().astype(np.float16)
+        lens = lengths.numpy().astype(np.int32)
+        out = dict(batch)
+        out["text_emb"] = np.array([s[:n].tobytes() for s, n in zip(states, lens, strict=True)], dtype=object)
+        out["text_len"] = lens
+        return out

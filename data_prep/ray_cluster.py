@@ -1,0 +1,31 @@
+"""Connect to the profile's Ray cluster, or start a local one sized to this machine."""
+
+from __future__ import annotations
+
+import os
+
+from ldm.config import PipelineConfig
+
+
+def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
+    """Initialise Ray once per process: RAY_ADDRESS or compute.ray_address if set, else a local cluster.
+
+    Returns the cluster's resources. On an existing cluster the job shows up on its dashboard.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
+        env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))}}
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=os.cpu_count(),
+                num_gpus=None if cfg.compute.use_gpu else 0,
+                object_store_memory=object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env=env,
+            )
+    return ray.cluster_resources()

@@ -1,0 +1,217 @@
+"""The train-vae stage: train the KL autoencoder on W/filtered/ into W/models/vae/, or verify the prod VAE."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import manifest, storage
+from data_prep.shards import load_image_set
+from data_prep.sources import heldout_set
+from ldm.autoencoder.model import build_vae, load_vae_folder, local_path, vae_dir, weights_file
+from ldm.autoencoder.train import latent_scale_factor, loss_name, psnr_per_image, reconstruction_grid, train_vae
+from ldm.config import PipelineConfig
+from ldm.tracking import mlflow_run
+
+STAGE = "train-vae"
+HELDOUT_N = 256  # held-out synthetic images for the PSNR report
+GOOD_RATING = 5.0  # the filter's default aesthetic_min: PSNR on images that would pass it, reported apart
+LPIPS_NOTE = "LPIPS not used: no LPIPS weights exist locally and nothing is downloaded"
+HISTORY_POINTS = 200  # loss curve points sent to MLflow
+
+
+def filtered_hash(cfg: PipelineConfig) -> str:
+    """config_hash of the filter stage's manifest, or StageError telling the user to run filter first."""
+    url = storage.join(storage.normalize(cfg.workdir), "filtered", manifest.MANIFEST)
+    if not storage.exists(url):
+        raise manifest.StageError(f"run filter first: {url} does not exist")
+    found = storage.read_json(url).get("config_hash")
+    if not found:
+        raise manifest.StageError(f"{url} has no config_hash; rerun filter")
+    return found
+
+
+def config_hash(cfg: PipelineConfig, input_hash: str) -> str:
+    """Identity of the VAE output: the vae section, resolution, seed, and its input (filtered data or weights)."""
+    return manifest.digest(
+        {
+            "vae": cfg.vae.model_dump(mode="json"),
+            "resolution": cfg.ingest.resolution,
+            "seed": cfg.seed,
+            "input": input_hash,
+        }
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed (the SD VAE's weights are ~330 MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _skip(out: str) -> dict:
+    done = storage.read_json(storage.join(out, manifest.MANIFEST))
+    print(f"train-vae: {out} is up to date; skipping")
+    return done
+
+
+def _run_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
+    """Prod: nothing to train. Verify the folder loads and record its path and weights hash."""
+    folder = local_path(cfg.vae.path or "")
+    if not folder.is_dir():
+        raise manifest.StageError(f"VAE folder {folder} does not exist")
+    wfile = weights_file(folder)
+    sha = file_sha256(wfile)
+    chash = config_hash(cfg, sha)  # new weights at the same path are a new VAE for every later stage
+    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
+        return _skip(out)
+    vae = load_vae_folder(folder)
+    downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+    if downsample != cfg.vae.downsample:
+        raise manifest.StageError(
+            f"VAE at {folder} downsamples by {downsample}, config says vae.downsample={cfg.vae.downsample}"
+        )
+    manifest.begin(out, STAGE, chash)
+    latent = cfg.ingest.resolution // downsample
+    result = manifest.commit(
+        out,
+        STAGE,
+        chash,
+        {"vae": cfg.vae.model_dump(mode="json"), "resolution": cfg.ingest.resolution, "seed": cfg.seed},
+        pretrained={"path": str(folder), "weights_file": wfile.name, "sha256": sha},
+        scale_factor=float(vae.config.scaling_factor),
+        latent_shape=[int(vae.config.latent_channels), latent, latent],
+    )
+    print(f"train-vae: using the pretrained VAE at {folder} (scale factor {result['scale_factor']}); nothing to train")
+    return result
+
+
+def _log_history(mlflow, history: dict[str, list[float]]) -> None:
+    """Send a subsampled loss curve in one batch (one SQLite write per point would dominate small runs)."""
+    from mlflow.entities import Metric
+
+    steps = len(history["loss"])
+    every = max(1, steps // HISTORY_POINTS)
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"train_{key}", history[key][s], now, s) for s in range(0, steps, every) for key in ("loss", "rec", "kl")
+    ]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def _upload_folder(local: Path, url: str) -> list[str]:
+    names = sorted(p.name for p in local.iterdir() if p.is_file())
+    for name in names:
+        storage.write_bytes_atomic(storage.join(url, name), (local / name).read_bytes())
+    return names
+
+
+def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
+    """Embedded default: train on W/filtered/shards, evaluate on held-out images, save in diffusers layout."""
+    input_hash = filtered_hash(cfg)
+    chash = config_hash(cfg, input_hash)
+    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
+        return _skip(out)
+    started = time.time()
+    res, vcfg = cfg.ingest.resolution, cfg.vae
+    shards_url = storage.join(storage.normalize(cfg.workdir), "filtered", "shards")
+    data = load_image_set(shards_url, res)  # unreadable shards: warned, skipped, counted below
+    if len(data) == 0:
+        raise manifest.StageError(f"no readable samples in {shards_url} ({len(data.skipped)} shards skipped)")
+    manifest.begin(out, STAGE, chash)
+    heldout = heldout_set(cfg.source, HELDOUT_N, res) if cfg.source.kind == "synthetic" else None
+    eval_images = heldout.images if heldout is not None else data.images[:HELDOUT_N]
+    good = np.array([(m.get("rating") or 0) >= GOOD_RATING for m in heldout.meta]) if heldout is not None else None
+    loss = loss_name(0.0)
+    params = {
+        "vae": vcfg.model_dump(mode="json"),
+        "resolution": res,
+        "seed": cfg.seed,
+        "train_images": len(data),
+        "loss": loss,
+        "eval_set": "heldout" if heldout is not None else "train_sample",
+    }
+    with mlflow_run(cfg, STAGE, params) as mlflow:
+        untrained = psnr_per_image(build_vae(vcfg, res, cfg.seed), eval_images)  # train_vae starts from these weights
+        t0 = time.time()
+        vae, history = train_vae(data.images, vcfg, cfg.seed)
+        train_s = time.time() - t0
+        scale = latent_scale_factor(vae, data.images, seed=cfg.seed)
+        vae.register_to_config(scaling_factor=scale)  # saved in config.json, read back as vae.config.scaling_factor
+        trained = psnr_per_image(vae, eval_images)
+        tail = max(1, len(history["loss"]) // 20)  # final losses: mean of the last 5% of steps, not one noisy batch
+        metrics = {
+            "psnr": float(trained.mean()),
+            "psnr_untrained": float(untrained.mean()),
+            "scale_factor": scale,
+            "final_loss": float(np.mean(history["loss"][-tail:])),
+            "final_rec": float(np.mean(history["rec"][-tail:])),
+            "final_kl": float(np.mean(history["kl"][-tail:])),
+            "train_seconds": train_s,
+        }
+        if good is not None and good.any():
+            metrics["psnr_rating_ge5"] = float(trained[good].mean())
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, grid = Path(tmp) / "vae", Path(tmp) / "reconstructions.png"
+            vae.save_pretrained(model_dir, safe_serialization=True)
+            files = _upload_folder(model_dir, out)
+            reconstruction_grid(vae, eval_images, grid)
+            storage.write_bytes_atomic(storage.join(out, grid.name), grid.read_bytes())
+            mlflow.log_metrics(metrics)
+            _log_history(mlflow, history)
+            mlflow.log_artifact(str(grid))
+        run_id = mlflow.active_run().info.run_id
+    f = vcfg.downsample
+    result = manifest.commit(
+        out,
+        STAGE,
+        chash,
+        {"vae": vcfg.model_dump(mode="json"), "resolution": res, "seed": cfg.seed},
+        input_config_hash=input_hash,
+        loss={"name": loss, "kl_weight": vcfg.kl_weight, "lpips": LPIPS_NOTE},
+        eval={
+            "set": f"heldout synthetic ({HELDOUT_N} images)" if heldout is not None else "training sample",
+            "psnr_recon": "posterior mean, [0,1] pixels, mean of per-image PSNR",
+            "rating_ge5_images": int(good.sum()) if good is not None else None,
+        },
+        metrics={k: round(v, 4) for k, v in metrics.items()},
+        latent_shape=[vcfg.latent_channels, res // f, res // f],
+        train_images=len(data),
+        skipped_shards=len(data.skipped),
+        skipped=data.skipped,
+        files=[*files, "reconstructions.png"],
+        mlflow_run_id=run_id,
+        timings={"train_s": round(train_s, 2), "total_s": round(time.time() - started, 2)},
+    )
+    print(summary(result, out))
+    return result
+
+
+def summary(m: dict, out: str) -> str:
+    """A short human summary of a train-vae manifest."""
+    mt = m["metrics"]
+    lines = [
+        f"train-vae: {m['train_images']} images, {m['config']['vae']['steps']} steps in {mt['train_seconds']:.0f} s, "
+        f"loss {m['loss']['name']} (no LPIPS), {m['skipped_shards']} shards skipped",
+        f"  PSNR ({m['eval']['set']}): {mt['psnr_untrained']:.2f} dB untrained -> {mt['psnr']:.2f} dB trained"
+        + (f"; rating>={GOOD_RATING:g}: {mt['psnr_rating_ge5']:.2f} dB" if "psnr_rating_ge5" in mt else ""),
+        f"  latents {m['latent_shape']}, scale factor {mt['scale_factor']:.4f}; wrote {out}",
+    ]
+    return "\n".join(lines)
+
+
+def run_train_vae(cfg: PipelineConfig, overwrite: bool = False) -> dict:
+    """Make W/models/vae/ (trained, or a record of cfg.vae.path in prod); skip if up to date. Returns the manifest."""
+    out = vae_dir(cfg)
+    if cfg.vae.path:
+        return _run_pretrained(cfg, out, overwrite)
+    return _run_train(cfg, out, overwrite)

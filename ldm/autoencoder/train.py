@@ -1,0 +1,153 @@
+"""Train the embedded default's KL autoencoder and measure it: PSNR, latent scale factor, a reconstruction grid."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep import storage
+from ldm.autoencoder.model import build_vae
+from ldm.config import VaeConfig
+
+WARMUP_FRACTION = 0.03  # of the steps; Adam at lr 1e-3 on a fresh net is unstable for the first few dozen
+MIN_LR_FRACTION = 0.05  # cosine decay floor; most of the final PSNR comes from the low-lr tail
+
+
+def loss_name(l2_weight: float) -> str:
+    """How the loss is reported: 'l1+kl' or 'l1+l2+kl' (no LPIPS: no LPIPS weights exist offline)."""
+    return "l1+l2+kl" if l2_weight else "l1+kl"
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1], the range SD's VAE works in."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches over reshuffled epochs, so every image is seen once per epoch (forever)."""
+    pool = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(pool) < batch_size:
+            pool = torch.cat([pool, torch.randperm(n, generator=gen)])
+        yield pool[:batch_size]
+        pool = pool[batch_size:]
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup, then cosine decay to MIN_LR_FRACTION of lr."""
+    warmup = max(1, int(steps * WARMUP_FRACTION))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_vae(
+    images: np.ndarray,
+    vae_cfg: VaeConfig,
+    seed: int,
+    *,
+    l2_weight: float = 0.0,
+    flip: bool = True,
+    crop: int | None = None,
+    progress: bool = True,
+) -> tuple[AutoencoderKL, dict[str, list[float]]]:
+    """Train a fresh AutoencoderKL on uint8 [N,H,W,3] images; deterministic for a seed. Returns (vae, history).
+
+    Loss per step: mean L1 (+ l2_weight * mean L2) + kl_weight * KL / pixels. LDM sums the
+    reconstruction over pixels and adds kl_weight * summed KL; dividing both terms by the pixel count
+    keeps that balance (Adam is scale-invariant) while the logged losses stay readable.
+    """
+    if len(images) == 0:
+        raise ValueError("no images to train on")
+    n, res = len(images), images.shape[1]
+    vae = build_vae(vae_cfg, res, seed).to(memory_format=torch.channels_last).train()
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.from_numpy(np.ascontiguousarray(images))  # stays uint8: 4x less memory than float
+    opt = torch.optim.AdamW(vae.parameters(), lr=vae_cfg.lr, weight_decay=0.0)
+    pixels = 3 * (crop if crop and crop < res else res) ** 2
+    history: dict[str, list[float]] = {"loss": [], "rec": [], "kl": [], "lr": []}
+    bar = tqdm(range(vae_cfg.steps), desc="train-vae", unit="step", disable=not progress, dynamic_ncols=True)
+    batches = _batches(n, vae_cfg.batch_size, gen)
+    for step in bar:
+        x = to_tensor(data[next(batches)].numpy())
+        if flip:  # horizontal flips: free extra data for the small embedded-default sets
+            mask = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        if crop and crop < res:  # random crops: the VAE is convolutional, and a crop costs (crop/res)^2 of a step
+            offs = torch.randint(0, res - crop + 1, (len(x), 2), generator=gen).tolist()
+            x = torch.stack([img[:, i : i + crop, j : j + crop] for img, (i, j) in zip(x, offs, strict=True)])
+        x = x.contiguous(memory_format=torch.channels_last)
+        lr = _lr_at(step, vae_cfg.steps, vae_cfg.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        err = recon - x
+        rec = err.abs().mean() + (l2_weight * err.pow(2).mean() if l2_weight else 0.0)
+        kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it
+        loss = rec + vae_cfg.kl_weight * kl / pixels
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for key, value in (("loss", loss.item()), ("rec", rec.item()), ("kl", kl.item()), ("lr", lr)):
+            history[key].append(value)
+        if step % 10 == 0 or step == vae_cfg.steps - 1:
+            bar.set_postfix(rec=f"{history['rec'][-1]:.4f}", kl=f"{history['kl'][-1]:.0f}")
+    vae.eval()
+    return vae.to(memory_format=torch.contiguous_format), history
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Encode to the posterior mean and decode; returns float [N,H,W,3] in [0, 1]."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i : i + batch_size])
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        out.append(((y + 1) / 2).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.float32)
+
+
+def psnr_per_image(vae: AutoencoderKL, images: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each image's reconstruction through the posterior mean, on [0, 1] pixels."""
+    recon = reconstruct(vae, images)
+    mse = ((recon - images.astype(np.float32) / 255.0) ** 2).reshape(len(images), -1).mean(axis=1)
+    return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
+
+
+def psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
+    """Mean per-image PSNR (dB, [0, 1] pixels) reconstructing through the posterior mean (deterministic)."""
+    return float(psnr_per_image(vae, images).mean())
+
+
+@torch.no_grad()
+def latent_scale_factor(vae: AutoencoderKL, images: np.ndarray, max_images: int = 512, seed: int = 0) -> float:
+    """1/std of sampled latents on up to max_images images: scales latents to unit variance, like SD's 0.18215."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=gen)[:max_images].sort().values.numpy()
+    latents = [
+        vae.encode(to_tensor(images[idx[i : i + 64]])).latent_dist.sample(generator=gen) for i in range(0, len(idx), 64)
+    ]
+    return float(1.0 / torch.cat(latents).flatten().std())
+
+
+def reconstruction_grid(vae: AutoencoderKL, images: np.ndarray, path: str | Path, n: int = 8) -> None:
+    """Write a PNG (local path or URL): n originals in the top row, their reconstructions below."""
+    originals = images[:n]
+    recon = (reconstruct(vae, originals) * 255.0).round().astype(np.uint8)
+    grid = np.concatenate([np.concatenate(list(originals), axis=1), np.concatenate(list(recon), axis=1)], axis=0)
+    img = Image.fromarray(grid)
+    scale = max(1, 128 // images.shape[1])  # tiny test-profile images are unreadable at 1:1
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    storage.write_bytes_atomic(storage.normalize(str(path)), buf.getvalue())

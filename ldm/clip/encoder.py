@@ -1,0 +1,155 @@
+"""ClipEncoder: the frozen CLIP every later stage uses for image/text embeddings and SD 2 text conditioning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+
+from data_prep import storage
+from data_prep.manifest import MANIFEST, StageError
+from ldm.clip.model import build_tokenizer, load_pretrained, load_saved
+from ldm.config import PipelineConfig
+
+
+def to_model_input(
+    images: np.ndarray | torch.Tensor,
+    image_size: int,
+    mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
+    std: Sequence[float] = open_clip.OPENAI_DATASET_STD,
+) -> torch.Tensor:
+    """uint8 [N,H,W,3] images -> normalised float [N,3,S,S] at the model's image size."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (image_size, image_size):
+        # Antialiased bicubic: the same filter open_clip's PIL transform uses, without a PIL round trip.
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class ClipEncoder:
+    """A frozen open_clip CLIP plus its tokenizer: image/text embeddings and per-token text states."""
+
+    def __init__(self, model: CLIP, tokenizer: open_clip.SimpleTokenizer | None = None, batch_size: int = 256):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer or build_tokenizer(model.context_length)
+        self.batch_size = batch_size
+        pre = getattr(model.visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the vision tower takes."""
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image-text embedding."""
+        return int(self.model.text_projection.shape[1])
+
+    @property
+    def token_width(self) -> int:
+        """Width of the per-token text states (the text transformer's width)."""
+        return int(self.model.transformer.width)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per caption, SOT and EOT included."""
+        return int(self.model.context_length)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+        return next(self.model.parameters()).device
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context_length]; long captions are truncated with EOT kept last."""
+        return self.tokenizer(list(captions), context_length=self.context_length)
+
+    def lengths(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's true token count, SOT..EOT inclusive (EOT is the first end-of-text id)."""
+        is_eot = tokens == self.tokenizer.eot_token_id
+        return (is_eot.int().argmax(dim=1) + 1).long()
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] of uint8 [N,H,W,3] images."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = to_model_input(images[i : i + self.batch_size], self.image_size, self.mean, self.std)
+            out.append(self.model.encode_image(x.to(self.device), normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """L2-normalised pooled text embeddings [N, D]."""
+        out = []
+        for i in range(0, len(captions), self.batch_size):
+            tokens = self.tokenize(captions[i : i + self.batch_size]).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    @torch.no_grad()
+    def token_states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states [N, L, W] of the penultimate text layer after ln_final, and token counts [N].
+
+        Exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual block but the
+        last, with the causal mask, then the final LayerNorm; positions past a caption's length are
+        padding states (kept, as SD 2 keeps them).
+        """
+        states, lengths = [], []
+        for i in range(0, len(captions), self.batch_size):
+            tokens = self.tokenize(captions[i : i + self.batch_size])
+            states.append(self._penultimate(tokens.to(self.device)).float().cpu())
+            lengths.append(self.lengths(tokens))
+        if not states:
+            return torch.zeros(0, self.context_length, self.token_width), torch.zeros(0, dtype=torch.long)
+        return torch.cat(states), torch.cat(lengths)
+
+    def _penultimate(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        batch_first = getattr(m.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in m.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=m.attn_mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return m.ln_final(x)
+
+
+def clip_url(cfg: PipelineConfig) -> str:
+    """Where train-clip writes the tiny model: W/models/clip."""
+    return storage.join(storage.normalize(cfg.workdir), "models", "clip")
+
+
+def load_encoder(cfg: PipelineConfig) -> ClipEncoder:
+    """The profile's CLIP: the tiny one train-clip wrote, or a named open_clip arch from local weights."""
+    if cfg.clip.arch != "tiny":
+        if not cfg.clip.weights:
+            raise StageError(f"clip.arch is {cfg.clip.arch!r} but clip.weights is not set (a local checkpoint file)")
+        return ClipEncoder(load_pretrained(cfg.clip.arch, cfg.clip.weights))
+    from ldm.clip.stage import config_hash, raw_manifest  # the stage imports this module
+
+    folder = clip_url(cfg)
+    url = storage.join(folder, MANIFEST)
+    if not storage.exists(url):
+        raise StageError(f"no trained CLIP in {folder} (no {MANIFEST}); run the train-clip stage first")
+    # A model trained from another config (or other raw data) would silently skew every later stage.
+    found, expected = storage.read_json(url).get("config_hash"), config_hash(cfg, raw_manifest(cfg)["config_hash"])
+    if found != expected:
+        raise StageError(
+            f"{folder} holds a CLIP from a different config ({found}, this config: {expected}); "
+            "rerun the train-clip stage"
+        )
+    return ClipEncoder(load_saved(folder))

@@ -1,0 +1,182 @@
+"""The Ray Data precompute stage and the training read path, on the test profile (local and moto S3)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import storage
+from data_prep.manifest import StageError
+from data_prep.precompute import run_precompute
+from data_prep.precompute.reader import collate, empty_prompt, latent_dataset, load_latent_manifest
+from data_prep.shards import iter_samples
+from tests.helpers import make_config
+
+
+@pytest.fixture(scope="session")
+def latents(components):
+    """train-vae and precompute on the components' work directory: (config, precompute manifest)."""
+    from ldm.autoencoder.stage import run_train_vae
+
+    cfg, _ = components
+    run_train_vae(cfg)
+    return cfg, run_precompute(cfg)
+
+
+def _parts(workdir) -> list[Path]:
+    return sorted((Path(workdir) / "latents" / "parts").glob("*.parquet"))
+
+
+def test_rows_match_the_filtered_samples(latents):
+    cfg, m = latents
+    from ldm.clip.encoder import load_encoder
+
+    kept = {s["key"]: s for tar in sorted((Path(cfg.workdir) / "filtered" / "shards").glob("*.tar"))
+            for s in iter_samples(str(tar))}  # fmt: skip
+    rows = [r for p in _parts(cfg.workdir) for r in pq.read_table(p).to_pylist()]
+    assert m["rows"] == len(rows) == len(kept)
+    shards = storage.read_json(f"{cfg.workdir}/filtered/manifest.json")["shards"]
+    assert {p.name for p in _parts(cfg.workdir)} == {s["name"].replace(".tar", ".parquet") for s in shards}
+    encoder = load_encoder(cfg)
+    lengths = encoder.lengths(encoder.tokenize([r["caption"] for r in rows]))
+    c, h, w = m["latent_shape"]
+    assert (h, w) == (cfg.ingest.resolution // cfg.vae.downsample,) * 2
+    for r, n in zip(rows, lengths.tolist(), strict=True):
+        assert r["caption"] == kept[r["key"]]["txt"]
+        assert r["aesthetic"] == pytest.approx(kept[r["key"]]["json"]["aesthetic"], abs=1e-3)
+        latent = np.frombuffer(r["latent"], np.float16)
+        assert latent.size == c * h * w and np.isfinite(latent).all()
+        assert r["text_len"] == n and len(r["text_emb"]) == n * m["text_dim"] * 2  # no padding stored
+        assert r["scale_factor"] == pytest.approx(m["scale_factor"]) and r["latent_is_sample"] is False
+
+
+def test_manifest_records_identity_and_the_empty_prompt(latents):
+    cfg, m = latents
+    assert m["vae"]["path"].endswith("models/vae") and m["vae"]["weights"]
+    assert m["text_encoder"]["arch"] == "tiny" and m["latent_kind"] == "mean" and m["latent_seed"] is None
+    assert m["latent_dtype"] == m["text_dtype"] == "float16" and m["resolution"] == cfg.ingest.resolution
+    e = empty_prompt(m)
+    assert tuple(e.shape) == (2, m["text_dim"])  # start and end of text
+
+
+def test_a_finished_precompute_is_skipped(latents, capsys):
+    cfg, m = latents
+    assert run_precompute(cfg) == m
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_read_path_collates_padded_batches_with_a_mask(latents):
+    cfg, m = latents
+    ds, lm = latent_dataset(storage.normalize(cfg.workdir) + "/latents", expect={"latent_shape": m["latent_shape"]},
+                            shuffle_seed=0)  # fmt: skip
+    seen = 0
+    for batch in ds.iter_batches(
+        batch_size=16, batch_format="numpy", local_shuffle_buffer_size=32, local_shuffle_seed=0
+    ):
+        t = collate(batch, lm["latent_shape"], lm["text_dim"])
+        b = t["latents"].shape[0]
+        assert tuple(t["latents"].shape) == (b, *lm["latent_shape"]) and t["latents"].dtype.is_floating_point
+        assert t["text"].shape[:2] == t["mask"].shape and t["text"].shape[1] == int(t["lengths"].max())
+        assert (t["mask"].sum(1) == t["lengths"]).all()
+        assert (t["text"][~t["mask"]] == 0).all()
+        seen += b
+    assert seen == m["rows"]
+
+
+def test_read_path_refuses_a_mismatch_naming_both_values(latents):
+    cfg, m = latents
+    with pytest.raises(StageError, match=r"latent_shape \[4, 8, 8\] but training expects \[4, 32, 32\]"):
+        latent_dataset(storage.normalize(cfg.workdir) + "/latents", expect={"latent_shape": [4, 32, 32]})
+
+
+def _copy_latents(cfg, tmp_path: Path) -> Path:
+    shutil.copytree(Path(cfg.workdir) / "latents", tmp_path / "latents")
+    return tmp_path / "latents"
+
+
+def test_a_corrupt_part_is_named(latents, tmp_path):
+    cfg, _ = latents
+    folder = _copy_latents(cfg, tmp_path)
+    part = _parts(tmp_path)[0]
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(StageError, match=f"{part.name} is not a readable Parquet file"):
+        latent_dataset(str(folder))
+
+
+def test_a_part_with_another_latent_shape_is_named(latents, tmp_path):
+    cfg, _ = latents
+    folder = _copy_latents(cfg, tmp_path)
+    part = _parts(tmp_path)[0]
+    table = pq.read_table(part)
+    pq.write_table(table.replace_schema_metadata({b"latent_shape": b"4,16,16", b"text_dim": b"1"}), part)
+    with pytest.raises(StageError, match=rf"{part.name} has latent shape \[4,16,16\]"):
+        latent_dataset(str(folder))
+
+
+def test_parts_without_a_manifest_are_never_read(latents, tmp_path):
+    cfg, _ = latents
+    folder = _copy_latents(cfg, tmp_path)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(StageError, match="parts but no manifest: the precompute did not finish"):
+        latent_dataset(str(folder))
+    with pytest.raises(StageError, match="no latents there"):
+        latent_dataset(str(tmp_path / "empty"))
+
+
+def test_no_filtered_output_is_refused(tmp_path):
+    with pytest.raises(StageError, match="run the filter stage first"):
+        run_precompute(make_config(tmp_path))
+
+
+def _stage_inputs(cfg, dest: Path) -> Path:
+    for sub in ("filtered", "models"):
+        shutil.copytree(Path(cfg.workdir) / sub, dest / sub)
+    return dest
+
+
+def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, tmp_path):
+    cfg, m = latents
+    workdir = _stage_inputs(cfg, tmp_path)
+    cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir),
+           "--set", "precompute.batch_size=8"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not _parts(workdir):
+        assert proc.poll() is None and time.monotonic() < deadline, "precompute ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: pq.read_table(p) for p in _parts(workdir)}
+    assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
+    resumed = run_precompute(make_config(workdir, "precompute.batch_size=8"))
+    assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"])
+    reference = {p.name: pq.read_table(p) for p in _parts(cfg.workdir)}
+    for name, table in kept.items():  # every part the killed run left is what an uninterrupted run writes
+        assert table.equals(reference[name]), name
+    assert resumed["rows"] == m["rows"]
+
+
+def test_precompute_reads_and_writes_s3(latents, s3_bucket):
+    import ray
+    import s3fs
+
+    ray.shutdown()  # the workers must start with the moto endpoint in their environment
+    cfg, m = latents
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for sub in ("filtered", "models"):
+        fs.put(str(Path(cfg.workdir) / sub), f"{s3_bucket}/w/{sub}", recursive=True)
+    s3cfg = make_config(f"{s3_bucket}/w")
+    result = run_precompute(s3cfg)
+    assert result["rows"] == m["rows"] and len(result["parts"]) == len(m["parts"])
+    ds, lm = latent_dataset(f"{s3_bucket}/w/latents")
+    assert ds.count() == m["rows"] and load_latent_manifest(f"{s3_bucket}/w/latents")["rows"] == m["rows"]
+    ray.shutdown()

@@ -1,0 +1,204 @@
+"""train-vae: latent shapes, training beats the untrained model, diffusers round trips, the prod path, skipping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from data_prep import storage
+from data_prep.manifest import StageError
+from data_prep.sources import heldout_set
+from ldm.autoencoder import build_vae, load_vae, psnr, run_train_vae, train_vae
+from ldm.autoencoder.stage import HELDOUT_N
+from ldm.config import VaeConfig
+from tests.helpers import make_config
+
+SMALL = ["vae.steps=150", "vae.block_channels=[16,32,32]", "vae.batch_size=16", "vae.lr=2e-3"]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def make_filtered_standin(raw_workdir: str, workdir: Path, corrupt: bool = False) -> None:
+    """Stand-in for the filter stage: W/filtered/shards = the raw shards, and a manifest with a config_hash."""
+    raw = Path(storage.normalize(raw_workdir).removeprefix("file://")) / "raw" / "shards"
+    shards = workdir / "filtered" / "shards"
+    shards.mkdir(parents=True)
+    for tar in sorted(raw.glob("*.tar")):
+        shutil.copy(tar, shards / tar.name)
+    if corrupt:  # a shard cut off mid-member, as a killed writer leaves it
+        data = (shards / "00000.tar").read_bytes()
+        (shards / "99999.tar").write_bytes(data[: len(data) // 2 + 100])
+    (workdir / "filtered" / "manifest.json").write_text(json.dumps({"config_hash": "standin-" + workdir.name}))
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """One MLflow store for the module: creating a SQLite store costs seconds of migrations."""
+    return "tracking.uri=sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def trained(ingested, tracking, tmp_path_factory):
+    """One real train-vae run on the test profile's stand-in filtered shards: (cfg, manifest)."""
+    raw_cfg, _ = ingested
+    workdir = tmp_path_factory.mktemp("vae")
+    make_filtered_standin(raw_cfg.workdir, workdir)
+    cfg = make_config(workdir, *SMALL, tracking)
+    return cfg, run_train_vae(cfg)
+
+
+def tiny_vae(channels: tuple[int, ...] = (8, 16)) -> AutoencoderKL:
+    """A small AutoencoderKL like one a user could hand the prod path."""
+    torch.manual_seed(0)
+    n = len(channels)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=channels,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("res", "channels", "f"), [(64, [32, 64, 64], 4), (32, [16, 32, 32], 4), (64, [8, 8, 8, 8], 8)]
+)
+def test_latent_shape_is_channels_by_res_over_f(res, channels, f):
+    cfg = VaeConfig(block_channels=channels, downsample=f)
+    vae = build_vae(cfg, res, seed=0)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(2, 3, res, res)).latent_dist.mode()
+    assert tuple(z.shape) == (2, 4, res // f, res // f)
+
+
+def test_training_is_deterministic_for_a_seed():
+    images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    cfg = VaeConfig(block_channels=[8, 8, 8], steps=4, batch_size=4)
+    a, ha = train_vae(images, cfg, seed=3, progress=False)
+    b, hb = train_vae(images, cfg, seed=3, progress=False)
+    assert ha["loss"] == hb["loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_stage_trains_past_the_untrained_model(trained):
+    cfg, m = trained
+    metrics = m["metrics"]
+    assert metrics["psnr"] > metrics["psnr_untrained"] + 5, metrics
+    assert m["loss"]["name"] == "l1+kl" and "LPIPS not used" in m["loss"]["lpips"]
+    assert m["latent_shape"] == [4, 8, 8]
+    assert m["train_images"] == 120 and m["skipped_shards"] == 0
+    out = Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "models" / "vae"
+    assert {"config.json", WEIGHTS, "reconstructions.png", "manifest.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["scaling_factor"] == pytest.approx(metrics["scale_factor"])
+
+
+def test_stage_logs_to_mlflow(trained):
+    import mlflow
+
+    cfg, m = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    run = mlflow.get_run(m["mlflow_run_id"])
+    assert run.data.metrics["psnr"] == pytest.approx(m["metrics"]["psnr"], abs=1e-3)
+    assert {"psnr_untrained", "scale_factor", "final_rec", "final_kl", "train_seconds"} <= set(run.data.metrics)
+    assert run.data.params["vae.steps"] == "150"
+    assert "reconstructions.png" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+
+
+def test_load_vae_reads_back_the_trained_model(trained):
+    cfg, m = trained
+    vae = load_vae(cfg)
+    assert vae.config.scaling_factor == pytest.approx(m["metrics"]["scale_factor"])
+    heldout = heldout_set(cfg.source, HELDOUT_N, cfg.ingest.resolution)
+    assert psnr(vae, heldout.images) == pytest.approx(m["metrics"]["psnr"], abs=1e-3)
+
+
+def test_stage_skips_when_up_to_date_and_refuses_another_config(trained, capsys):
+    cfg, m = trained
+    weights = Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "models" / "vae" / WEIGHTS
+    before = weights.stat().st_mtime_ns
+    assert run_train_vae(cfg) == m
+    assert "up to date" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == before
+    other = make_config(cfg.workdir, *SMALL, "vae.kl_weight=1e-5", f"tracking.uri={cfg.tracking.uri}")
+    with pytest.raises(StageError, match="different config"):
+        run_train_vae(other)
+    with pytest.raises(StageError, match="another vae config"):
+        load_vae(other)
+
+
+def test_save_pretrained_round_trip_keeps_scale_and_outputs(tmp_path):
+    vae = build_vae(VaeConfig(block_channels=[8, 16, 16]), 16, seed=0).eval()
+    vae.register_to_config(scaling_factor=0.42)
+    vae.save_pretrained(tmp_path)
+    back = AutoencoderKL.from_pretrained(tmp_path, local_files_only=True).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae(x).sample, back(x).sample)
+    assert back.config.scaling_factor == 0.42
+
+
+def test_prod_path_loads_a_diffusers_folder_and_stage_records_it(tmp_path, tracking, capsys):
+    folder = tmp_path / "sd" / "vae"
+    vae = tiny_vae().eval()
+    vae.save_pretrained(folder)
+    cfg = make_config(tmp_path / "w", f"vae.path={folder}", "vae.downsample=2", tracking)
+    loaded = load_vae(cfg)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).sample, vae(x).sample)
+    assert loaded.config.scaling_factor == 0.3
+    m = run_train_vae(cfg)  # no filter output needed: nothing is trained
+    assert m["pretrained"]["path"] == str(folder) and len(m["pretrained"]["sha256"]) == 64
+    assert run_train_vae(cfg) == m
+    assert "up to date" in capsys.readouterr().out
+
+
+def _one_line_error(cfg, *needles: str) -> None:
+    with pytest.raises(StageError) as e:
+        load_vae(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_missing_prod_path_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "no" / "such" / "vae"
+    _one_line_error(make_config(tmp_path, f"vae.path={missing}"), str(missing), "does not exist")
+
+
+def test_mismatched_weights_name_the_path_and_keys(tmp_path):
+    folder = tmp_path / "vae"
+    tiny_vae().save_pretrained(folder)
+    cfg = make_config(tmp_path, f"vae.path={folder}")
+    state = load_file(folder / WEIGHTS)
+    state.pop("decoder.conv_out.bias")
+    state["decoder.extra.weight"] = torch.zeros(1)
+    save_file(state, folder / WEIGHTS)
+    _one_line_error(cfg, str(folder), "missing: decoder.conv_out.bias", "unexpected: decoder.extra.weight")
+    save_file(tiny_vae((16, 16)).state_dict(), folder / WEIGHTS)  # another architecture's weights
+    _one_line_error(cfg, str(folder), "wrong shape: encoder.conv_in.weight")
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    cfg = make_config(tmp_path)
+    with pytest.raises(StageError, match="run filter first: .*filtered/manifest.json"):
+        run_train_vae(cfg)
+    _one_line_error(cfg, str(tmp_path / "models" / "vae"), "run train-vae first")
+
+
+def test_unreadable_shard_is_skipped_and_counted(ingested, tracking, tmp_path):
+    raw_cfg, _ = ingested
+    make_filtered_standin(raw_cfg.workdir, tmp_path, corrupt=True)
+    cfg = make_config(tmp_path, "vae.steps=2", "vae.block_channels=[8,8,8]", tracking)
+    with pytest.warns(UserWarning, match="skipping unreadable shard"):
+        m = run_train_vae(cfg)
+    assert m["skipped_shards"] == 1 and "99999.tar" in m["skipped"][0]
+    assert m["train_images"] == 120

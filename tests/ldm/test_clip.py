@@ -1,0 +1,251 @@
+"""train-clip: the tiny CLIP trains and beats its untrained self, the encoder API, prod checkpoints by path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from data_prep import storage
+from data_prep.manifest import StageError
+from data_prep.sources import heldout_set
+from ldm.clip import ClipEncoder, load_encoder, load_pretrained
+from ldm.clip.encoder import clip_url
+from ldm.clip.stage import run_train_clip
+from ldm.clip.train import retrieval_top1, train_clip
+from tests.helpers import make_config
+
+# Small enough to train in seconds on 2 cores, big enough to beat chance on the 120-sample test set.
+FAST = ("clip.epochs=30", "clip.batch_size=40", "clip.eval_samples=100", "clip.lr=0.001")
+TINY_ARCH = "ldm-test-tiny-ViT"  # a custom open_clip architecture registered by these tests
+TINY_ARCH_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _copy_raw(ingested, workdir: Path) -> None:
+    """Reuse the session's ingest: copy its W/raw into a fresh workdir, so this module's outputs stay apart."""
+    cfg, _ = ingested
+    shutil.copytree(Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "raw", workdir / "raw")
+
+
+@pytest.fixture(scope="module")
+def trained(ingested, tmp_path_factory):
+    """One train-clip run on the test profile, with one corrupt shard mixed in: (config, manifest)."""
+    work = tmp_path_factory.mktemp("clip")
+    _copy_raw(ingested, work)
+    (work / "raw" / "shards" / "99999.tar").write_bytes(b"not a tar file" * 100)
+    cfg = make_config(work, *FAST)
+    with pytest.warns(UserWarning, match="unreadable shard"):
+        return cfg, run_train_clip(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory) -> str:
+    """Register a tiny custom open_clip architecture (as a model-config JSON file, open_clip's own way)."""
+    path = tmp_path_factory.mktemp("archs") / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(TINY_ARCH_CFG))
+    open_clip.add_model_config(path)
+    return TINY_ARCH
+
+
+def test_tiny_clip_beats_untrained(trained):
+    cfg, m = trained
+    out = Path(clip_url(cfg).removeprefix("file://"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "retrieval.png",
+    ]
+    assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert m["skipped_shards"] == 1 and m["train_samples"] == 120
+    assert m["retrieval_top1_untrained"] < 0.1
+    assert m["retrieval_top1"] >= m["retrieval_top1_untrained"] + 0.1, m
+    assert m["final_loss"] > 0 and m["train_seconds"] > 0
+
+
+def test_mlflow_run_logged(trained):
+    import mlflow
+
+    from ldm.tracking import tracking_uri
+
+    cfg, m = trained
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    run = mlflow.get_run(m["mlflow_run_id"])
+    assert run.data.metrics["retrieval_top1"] == pytest.approx(m["retrieval_top1"])
+    assert {"retrieval_top1_untrained", "final_loss", "train_seconds", "loss"} <= set(run.data.metrics)
+    assert run.data.params["clip.epochs"] == "30"
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    assert "retrieval.png" in artifacts
+
+
+def test_stage_skips_when_up_to_date(trained, capsys):
+    cfg, m = trained
+    again = run_train_clip(cfg)
+    assert again["finished"] == m["finished"]
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_stage_refuses_other_config(trained):
+    cfg, _ = trained
+    other = make_config(cfg.workdir, *FAST, "clip.epochs=2")
+    with pytest.raises(StageError, match="different config"):
+        run_train_clip(other)
+    with pytest.raises(StageError, match="different config|run the train-clip stage"):
+        load_encoder(other)  # a later stage must not silently use a model trained from another config
+
+
+def test_stage_needs_ingest(tmp_path):
+    with pytest.raises(StageError, match="run ingest first"):
+        run_train_clip(make_config(tmp_path, *FAST))
+    with pytest.raises(StageError, match="train-clip"):
+        load_encoder(make_config(tmp_path, *FAST))
+
+
+def test_encoder_shapes_and_norms(trained):
+    cfg, _ = trained
+    enc = load_encoder(cfg)
+    held = heldout_set(cfg.source, 5, cfg.ingest.resolution)
+    img, txt = enc.encode_images(held.images), enc.encode_text(held.captions)
+    assert img.shape == txt.shape == (5, enc.embed_dim) == (5, cfg.clip.embed_dim)
+    assert img.dtype == txt.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(txt.norm(dim=1), torch.ones(5))
+
+
+def test_token_states_lengths_and_padding(trained):
+    cfg, _ = trained
+    enc = load_encoder(cfg)
+    long = " ".join(["a red circle left of a blue square"] * 10)  # longer than the context: truncated
+    captions = ["a red circle", "a photo of a green star on a striped background", long, ""]
+    hidden, lengths = enc.token_states(captions)
+    L = enc.context_length
+    assert hidden.shape == (4, L, enc.token_width) == (4, cfg.clip.context_length, cfg.clip.text_width)
+    assert lengths.dtype == torch.long
+    tok = open_clip.SimpleTokenizer()
+    assert lengths.tolist() == [min(len(tok.encode(c)) + 2, L) for c in captions]
+    ids = enc.tokenize(captions)
+    for i, n in enumerate(lengths.tolist()):
+        assert ids[i, 0] == tok.sot_token_id and ids[i, n - 1] == tok.eot_token_id
+        assert (ids[i, n:] == 0).all()  # padding lies beyond the length
+    # Penultimate layer + ln_final, computed independently through open_clip's own intermediates API.
+    m = enc.model
+    x = m.token_embedding(ids) + m.positional_embedding
+    with torch.no_grad():
+        _, inter = m.transformer.forward_intermediates(x, attn_mask=m.attn_mask, indices=[m.transformer.layers - 2])
+        torch.testing.assert_close(hidden, m.ln_final(inter[0]))
+
+
+def test_saved_model_loads_with_open_clip(trained):
+    cfg, _ = trained
+    folder = clip_url(cfg).removeprefix("file://")
+    theirs = open_clip.create_model(f"local-dir:{folder}").eval()
+    ours = load_encoder(cfg)
+    ids = ours.tokenize(["a red circle on grey"])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_text(ids, normalize=True), ours.encode_text(["a red circle on grey"]))
+
+
+def test_retrieval_counts_identical_captions():
+    class Stub:
+        """Images all retrieve caption 0 of their group."""
+
+        def encode_images(self, images):
+            return torch.ones(len(images), 2) / np.sqrt(2)
+
+        def encode_text(self, captions):
+            t = torch.zeros(len(captions), 2)
+            t[:, 0] = 1.0
+            t[::100] = 1 / np.sqrt(2)
+            return t
+
+    caps = ["same"] * 50 + [f"c{i}" for i in range(50)] + ["x"] + [f"d{i}" for i in range(99)]
+    images = np.zeros((len(caps), 4, 4, 3), np.uint8)
+    # Group 1: the 50 'same' images pick 'same' (correct); group 2: only image 100 is right.
+    assert retrieval_top1(Stub(), images, caps) == pytest.approx(51 / 200)
+    with pytest.raises(ValueError, match="at least 100"):
+        retrieval_top1(Stub(), images[:99], caps[:99])
+
+
+def test_training_is_deterministic():
+    cfg = make_config("unused", "clip.epochs=1", "clip.batch_size=16", "clip.vision_layers=1", "clip.text_layers=1")
+    held = heldout_set(cfg.source, 32, cfg.ingest.resolution)
+    a = train_clip(held.images, held.captions, cfg.clip, seed=3).state_dict()
+    b = train_clip(held.images, held.captions, cfg.clip, seed=3).state_dict()
+    c = train_clip(held.images, held.captions, cfg.clip, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _tiny_prod_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return open_clip.create_model(arch)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "training-checkpoint"])
+def test_load_pretrained_prod_formats(tiny_arch, tmp_path, fmt):
+    model = _tiny_prod_model(tiny_arch)
+    state = model.state_dict()
+    path = tmp_path / f"open_clip_pytorch_model.{'safetensors' if fmt == 'safetensors' else 'bin'}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    elif fmt == "bin":
+        torch.save(state, path)  # what open_clip_pytorch_model.bin on the hub holds
+    else:
+        torch.save({"epoch": 32, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    loaded = load_pretrained(tiny_arch, str(path))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    enc = ClipEncoder(loaded)
+    assert enc.encode_images(np.zeros((2, 40, 40, 3), np.uint8)).shape == (2, 32)
+    assert enc.token_states(["a red circle"])[0].shape == (1, 77, 64)
+
+
+def test_pretrained_stage_and_load_encoder(tiny_arch, tmp_path, capsys):
+    path = tmp_path / "weights.bin"
+    torch.save(_tiny_prod_model(tiny_arch).state_dict(), path)
+    cfg = make_config(tmp_path / "work", f"clip.arch={tiny_arch}", f"clip.weights={path}")
+    m = run_train_clip(cfg)  # no ingest needed: nothing to train
+    assert m["arch"] == tiny_arch and m["weights"] == str(path.resolve()) and len(m["weights_sha256"]) == 64
+    assert run_train_clip(cfg)["finished"] == m["finished"]
+    assert "up to date" in capsys.readouterr().out
+    assert load_encoder(cfg).embed_dim == 32
+
+
+def test_load_pretrained_missing_path(tiny_arch, tmp_path):
+    missing = tmp_path / "nope" / "open_clip_pytorch_model.bin"
+    with pytest.raises(StageError) as e:
+        load_pretrained(tiny_arch, str(missing))
+    assert str(missing) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_pretrained_mismatched_keys(tiny_arch, tmp_path):
+    state = _tiny_prod_model(tiny_arch).state_dict()
+    state.pop("text_projection")
+    state["visual.extra_head.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.bin"
+    torch.save(state, path)
+    with pytest.raises(StageError) as e:
+        load_pretrained(tiny_arch, str(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(path) in msg and "text_projection" in msg and "visual.extra_head.weight" in msg
+
+
+def test_load_pretrained_other_architecture(tiny_arch, tmp_path):
+    """A checkpoint of another size: same keys, wrong shapes; still one line naming the path."""
+    path = tmp_path / "vit-b-32.bin"
+    cfg = {**TINY_ARCH_CFG, "embed_dim": 48}
+    torch.save(open_clip.model.CLIP(**cfg).state_dict(), path)
+    with pytest.raises(StageError) as e:
+        load_pretrained(tiny_arch, str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and "size mismatch" in str(e.value)
