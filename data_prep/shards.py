@@ -16,31 +16,36 @@ from PIL import Image
 from data_prep import storage
 
 
+def _samples(tar: tarfile.TarFile) -> Iterator[dict[str, Any]]:
+    current: dict[str, Any] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, _, ext = member.name.rpartition("/")[2].partition(".")
+        if current and current["key"] != key:
+            yield current
+            current = {}
+        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+        current["key"] = key
+        if ext == "json":
+            current[ext] = json.loads(data)
+        elif ext == "txt":
+            current[ext] = data.decode("utf-8")
+        else:
+            current[ext] = data
+    if current:
+        yield current
+
+
 def iter_samples(tar_url: str) -> Iterator[dict[str, Any]]:
     """Yield one dict per sample of a webdataset tar: `key` plus one entry per file extension.
 
-    `.json` members are parsed and `.txt` decoded; other members (images) stay bytes.
+    `.json` members are parsed and `.txt` decoded; other members (images) stay bytes. Streams the
+    shard without checking its end: use `read_shard` where a truncated shard must be refused.
     """
     fs, path = storage.fs_for(tar_url)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        current: dict[str, Any] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if current and current["key"] != key:
-                yield current
-                current = {}
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            current["key"] = key
-            if ext == "json":
-                current[ext] = json.loads(data)
-            elif ext == "txt":
-                current[ext] = data.decode("utf-8")
-            else:
-                current[ext] = data
-        if current:
-            yield current
+        yield from _samples(tar)
 
 
 class ShardError(RuntimeError):
@@ -48,11 +53,25 @@ class ShardError(RuntimeError):
 
 
 def read_shard(tar_url: str) -> list[dict[str, Any]]:
-    """All samples of one shard, or ShardError: a shard is used whole or not at all."""
+    """All samples of one shard, or ShardError: a shard is used whole or not at all.
+
+    tarfile stops quietly at a header cut short, so a shard truncated between members would read
+    as a shorter, valid one; we also require the end-of-archive marker (two zero blocks).
+    """
+    fs, path = storage.fs_for(tar_url)
     try:
-        return list(iter_samples(tar_url))
+        size = fs.size(path)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            samples = list(_samples(tar))
+            end = tar.offset
+        with fs.open(path, "rb") as f:
+            f.seek(end)
+            trailer = f.read(2 * tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
         raise ShardError(f"{tar_url}: {e.__class__.__name__}: {e}") from e
+    if size - end < 2 * tarfile.BLOCKSIZE or trailer.strip(b"\0"):
+        raise ShardError(f"{tar_url}: truncated (no end-of-archive marker after {len(samples)} samples)")
+    return samples
 
 
 def shard_urls(folder_url: str) -> list[str]:

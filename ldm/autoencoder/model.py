@@ -18,12 +18,19 @@ from data_prep.manifest import MANIFEST, StageError
 from ldm.config import PipelineConfig, VaeConfig
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-MAX_GROUPS = 32  # SD's GroupNorm size; small models use the largest divisor of every width up to this
+MAX_GROUPS = 32  # SD's GroupNorm group count
+MIN_GROUP_WIDTH = 4  # channels per group in SD's narrowest (128-wide) blocks
 
 
 def norm_groups(block_channels: list[int]) -> int:
-    """GroupNorm group count that divides every block width (diffusers uses one count for all norms)."""
-    return math.gcd(MAX_GROUPS, *block_channels)
+    """GroupNorm group count dividing every block width, with at least MIN_GROUP_WIDTH channels per group.
+
+    diffusers uses one count for all norms. One channel per group (instance norm) erases each
+    channel's mean, the flat colours this data is made of; measured: 2 dB lower PSNR at equal steps.
+    """
+    width = math.gcd(*block_channels)
+    limit = min(MAX_GROUPS, width // MIN_GROUP_WIDTH)
+    return max((g for g in range(1, limit + 1) if width % g == 0), default=1)
 
 
 def build_vae(vae_cfg: VaeConfig, resolution: int, seed: int | None = None) -> AutoencoderKL:

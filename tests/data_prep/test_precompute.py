@@ -140,6 +140,8 @@ def test_no_filtered_output_is_refused(tmp_path):
 def _stage_inputs(cfg, dest: Path) -> Path:
     for sub in ("filtered", "models"):
         shutil.copytree(Path(cfg.workdir) / sub, dest / sub)
+    (dest / "raw").mkdir()
+    shutil.copy(Path(cfg.workdir) / "raw" / "manifest.json", dest / "raw")  # upstream identity, not data
     return dest
 
 
@@ -174,6 +176,7 @@ def test_precompute_reads_and_writes_s3(latents, s3_bucket):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     for sub in ("filtered", "models"):
         fs.put(str(Path(cfg.workdir) / sub), f"{s3_bucket}/w/{sub}", recursive=True)
+    fs.put(str(Path(cfg.workdir) / "raw" / "manifest.json"), f"{s3_bucket}/w/raw/manifest.json")
     s3cfg = make_config(f"{s3_bucket}/w")
     result = run_precompute(s3cfg)
     assert result["rows"] == m["rows"] and len(result["parts"]) == len(m["parts"])
