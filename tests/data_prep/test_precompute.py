@@ -161,9 +161,16 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
     assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
     resumed = run_precompute(make_config(workdir, "precompute.batch_size=8"))
     assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"])
-    reference = {p.name: pq.read_table(p) for p in _parts(cfg.workdir)}
-    for name, table in kept.items():  # every part the killed run left is what an uninterrupted run writes
-        assert table.equals(reference[name]), name
+    reference = {p.name: pq.read_table(p).to_pylist() for p in _parts(cfg.workdir)}
+    for name, table in kept.items():  # every part the killed run left matches an uninterrupted run's
+        rows, ref = table.to_pylist(), reference[name]
+        assert [(r["key"], r["caption"], r["text_len"]) for r in rows] == [
+            (r["key"], r["caption"], r["text_len"]) for r in ref
+        ], name
+        for r, q in zip(rows, ref, strict=True):  # fp16 values: equal up to batch-size-dependent float rounding
+            for col in ("latent", "text_emb"):
+                a, b = np.frombuffer(r[col], np.float16), np.frombuffer(q[col], np.float16)
+                np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert resumed["rows"] == m["rows"]
 
 
