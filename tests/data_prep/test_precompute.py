@@ -145,25 +145,40 @@ def _stage_inputs(cfg, dest: Path) -> Path:
     return dest
 
 
+def _replicate_filtered(workdir: Path, copies: int) -> None:
+    """More, smaller units of work: each filtered shard copied under `copies` names (c0-00000.tar, ...)."""
+    folder = workdir / "filtered" / "shards"
+    fm = storage.read_json(str(workdir / "filtered" / "manifest.json"))
+    shards = []
+    for s in fm["shards"]:
+        for c in range(copies):
+            shutil.copy(folder / s["name"], folder / f"c{c}-{s['name']}")
+            shards.append({"name": f"c{c}-{s['name']}", "samples": s["samples"]})
+        (folder / s["name"]).unlink()
+    storage.write_json_atomic(str(workdir / "filtered" / "manifest.json"), {**fm, "shards": shards})
+
+
 def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, tmp_path):
     cfg, m = latents
     workdir = _stage_inputs(cfg, tmp_path)
-    cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir),
-           "--set", "precompute.batch_size=8"]  # fmt: skip
+    _replicate_filtered(workdir, copies=4)
+    overrides = ["precompute.batch_size=2", "precompute.actors=1"]
+    cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
+    cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not _parts(workdir):
         assert proc.poll() is None and time.monotonic() < deadline, "precompute ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = {p.name: pq.read_table(p) for p in _parts(workdir)}
     assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
-    resumed = run_precompute(make_config(workdir, "precompute.batch_size=8"))
-    assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"])
+    resumed = run_precompute(make_config(workdir, *overrides))
+    assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"]) == 4 * len(m["parts"])
     reference = {p.name: pq.read_table(p).to_pylist() for p in _parts(cfg.workdir)}
     for name, table in kept.items():  # every part the killed run left matches an uninterrupted run's
-        rows, ref = table.to_pylist(), reference[name]
+        rows, ref = table.to_pylist(), reference[name.split("-", 1)[1]]
         assert [(r["key"], r["caption"], r["text_len"]) for r in rows] == [
             (r["key"], r["caption"], r["text_len"]) for r in ref
         ], name
@@ -171,7 +186,7 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
             for col in ("latent", "text_emb"):
                 a, b = np.frombuffer(r[col], np.float16), np.frombuffer(q[col], np.float16)
                 np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-2)
-    assert resumed["rows"] == m["rows"]
+    assert resumed["rows"] == 4 * m["rows"]
 
 
 def test_precompute_reads_and_writes_s3(latents, s3_bucket):
