@@ -84,15 +84,15 @@ class ClipConfig(Section):
     weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
     # Size of the tiny model the embedded default trains.
     embed_dim: int = Field(128, ge=8)
-    vision_width: int = Field(192, ge=16)
+    vision_width: int = Field(128, ge=16)
     vision_layers: int = Field(4, ge=1)
     patch_size: int = Field(8, ge=2)
     text_width: int = Field(128, ge=16)
     text_layers: int = Field(4, ge=1)
-    context_length: int = Field(32, ge=8, le=77)
+    context_length: int = Field(24, ge=8, le=77)  # synthetic captions: at most 19 tokens with SOT/EOT
     # Training (embedded default only).
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=2)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     eval_samples: int = Field(500, ge=100, description="held-out samples rendered for the retrieval report")
 
@@ -127,10 +127,14 @@ class VaeConfig(Section):
     layers_per_block: int = Field(1, ge=1)
     latent_channels: int = Field(4, ge=1)
     # Training (embedded default only).
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    l2_weight: float = Field(0.0, ge=0, description="weight of an L2 term next to L1 in the reconstruction loss")
+    crop: int | None = Field(
+        32, ge=8, description="train on random crops of this many px (None or >= resolution: whole images)"
+    )
 
     @model_validator(mode="after")
     def _downsample_matches_blocks(self) -> VaeConfig:

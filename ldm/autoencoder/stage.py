@@ -13,7 +13,14 @@ from data_prep import manifest, storage
 from data_prep.shards import load_image_set
 from data_prep.sources import heldout_set
 from ldm.autoencoder.model import build_vae, load_vae_folder, local_path, vae_dir, weights_file
-from ldm.autoencoder.train import latent_scale_factor, loss_name, psnr_per_image, reconstruction_grid, train_vae
+from ldm.autoencoder.train import (
+    latent_scale_factor,
+    loss_name,
+    psnr,
+    psnr_per_image,
+    reconstruction_grid,
+    train_vae,
+)
 from ldm.config import PipelineConfig
 from ldm.tracking import mlflow_run
 
@@ -131,7 +138,7 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
     heldout = heldout_set(cfg.source, HELDOUT_N, res) if cfg.source.kind == "synthetic" else None
     eval_images = heldout.images if heldout is not None else data.images[:HELDOUT_N]
     good = np.array([(m.get("rating") or 0) >= GOOD_RATING for m in heldout.meta]) if heldout is not None else None
-    loss = loss_name(0.0)
+    loss = loss_name(vcfg.l2_weight)
     params = {
         "vae": vcfg.model_dump(mode="json"),
         "resolution": res,
@@ -160,6 +167,8 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
         }
         if good is not None and good.any():
             metrics["psnr_rating_ge5"] = float(trained[good].mean())
+        if heldout is not None:  # the gap to held-out PSNR shows over- or underfitting
+            metrics["psnr_train"] = psnr(vae, data.images[:HELDOUT_N])
         with tempfile.TemporaryDirectory() as tmp:
             model_dir, grid = Path(tmp) / "vae", Path(tmp) / "reconstructions.png"
             vae.save_pretrained(model_dir, safe_serialization=True)
@@ -177,13 +186,13 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
         chash,
         {"vae": vcfg.model_dump(mode="json"), "resolution": res, "seed": cfg.seed},
         input_config_hash=input_hash,
-        loss={"name": loss, "kl_weight": vcfg.kl_weight, "lpips": LPIPS_NOTE},
+        loss={"name": loss, "kl_weight": vcfg.kl_weight, "l2_weight": vcfg.l2_weight, "lpips": LPIPS_NOTE},
         eval={
             "set": f"heldout synthetic ({HELDOUT_N} images)" if heldout is not None else "training sample",
             "psnr_recon": "posterior mean, [0,1] pixels, mean of per-image PSNR",
             "rating_ge5_images": int(good.sum()) if good is not None else None,
         },
-        metrics={k: round(v, 4) for k, v in metrics.items()},
+        metrics={k: v if k == "scale_factor" else round(v, 4) for k, v in metrics.items()},
         latent_shape=[vcfg.latent_channels, res // f, res // f],
         train_images=len(data),
         skipped_shards=len(data.skipped),

@@ -50,49 +50,54 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _augment(batch: torch.Tensor, gen: torch.Generator, crop: int | None, flip: bool) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,c,c] in [-1, 1]: random crops, random horizontal flips, channels-last."""
+    if crop:  # the VAE is convolutional, and a crop costs (crop/res)^2 of a full-size step
+        offs = torch.randint(0, batch.shape[1] - crop + 1, (len(batch), 2), generator=gen).tolist()
+        batch = torch.stack([img[i : i + crop, j : j + crop] for img, (i, j) in zip(batch, offs, strict=True)])
+    x = to_tensor(batch.numpy())
+    if flip:  # free extra data for the small embedded-default sets
+        mask = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last)  # measured ~10% faster convolutions on CPU
+
+
 def train_vae(
     images: np.ndarray,
     vae_cfg: VaeConfig,
     seed: int,
     *,
-    l2_weight: float = 0.0,
     flip: bool = True,
-    crop: int | None = None,
     progress: bool = True,
 ) -> tuple[AutoencoderKL, dict[str, list[float]]]:
     """Train a fresh AutoencoderKL on uint8 [N,H,W,3] images; deterministic for a seed. Returns (vae, history).
 
-    Loss per step: mean L1 (+ l2_weight * mean L2) + kl_weight * KL / pixels. LDM sums the
-    reconstruction over pixels and adds kl_weight * summed KL; dividing both terms by the pixel count
-    keeps that balance (Adam is scale-invariant) while the logged losses stay readable.
+    Loss per step, on random vae_cfg.crop-px crops: mean L1 (+ l2_weight * mean L2) + kl_weight * KL / pixels.
+    LDM sums the reconstruction over pixels and adds kl_weight * summed KL; dividing both terms by the
+    pixel count keeps that balance (Adam is scale-invariant) while the logged losses stay readable.
     """
     if len(images) == 0:
         raise ValueError("no images to train on")
     n, res = len(images), images.shape[1]
+    crop = vae_cfg.crop if vae_cfg.crop and vae_cfg.crop < res else None
     vae = build_vae(vae_cfg, res, seed).to(memory_format=torch.channels_last).train()
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(np.ascontiguousarray(images))  # stays uint8: 4x less memory than float
     opt = torch.optim.AdamW(vae.parameters(), lr=vae_cfg.lr, weight_decay=0.0)
-    pixels = 3 * (crop if crop and crop < res else res) ** 2
+    pixels = 3 * (crop or res) ** 2
     history: dict[str, list[float]] = {"loss": [], "rec": [], "kl": [], "lr": []}
     bar = tqdm(range(vae_cfg.steps), desc="train-vae", unit="step", disable=not progress, dynamic_ncols=True)
     batches = _batches(n, vae_cfg.batch_size, gen)
     for step in bar:
-        x = to_tensor(data[next(batches)].numpy())
-        if flip:  # horizontal flips: free extra data for the small embedded-default sets
-            mask = torch.rand(len(x), generator=gen) < 0.5
-            x = torch.where(mask[:, None, None, None], x.flip(3), x)
-        if crop and crop < res:  # random crops: the VAE is convolutional, and a crop costs (crop/res)^2 of a step
-            offs = torch.randint(0, res - crop + 1, (len(x), 2), generator=gen).tolist()
-            x = torch.stack([img[:, i : i + crop, j : j + crop] for img, (i, j) in zip(x, offs, strict=True)])
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = _augment(data[next(batches)], gen, crop, flip)
         lr = _lr_at(step, vae_cfg.steps, vae_cfg.lr)
         for group in opt.param_groups:
             group["lr"] = lr
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        err = recon - x
-        rec = err.abs().mean() + (l2_weight * err.pow(2).mean() if l2_weight else 0.0)
+        err = vae.decode(posterior.sample(generator=gen)).sample - x
+        rec = err.abs().mean()
+        if vae_cfg.l2_weight:
+            rec = rec + vae_cfg.l2_weight * err.pow(2).mean()
         kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it
         loss = rec + vae_cfg.kl_weight * kl / pixels
         opt.zero_grad(set_to_none=True)

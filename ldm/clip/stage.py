@@ -98,7 +98,7 @@ def retrieval_figure(heldout: ImageSet, picks: np.ndarray, n: int = FIGURE_SAMPL
     n = min(n, len(picks))
     cols = 4
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.2 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
@@ -108,7 +108,7 @@ def retrieval_figure(heldout: ImageSet, picks: np.ndarray, n: int = FIGURE_SAMPL
         title = textwrap.fill(got, 34) if got == true else textwrap.fill(f"{got}\n(true: {true})", 34)
         ax.set_title(title, fontsize=7, color="darkgreen" if got == true else "firebrick")
     fig.suptitle(f"held-out image -> top-1 caption among {CANDIDATES}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave room for the suptitle above the first row's captions
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

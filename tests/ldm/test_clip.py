@@ -20,8 +20,10 @@ from ldm.clip.stage import run_train_clip
 from ldm.clip.train import retrieval_top1, train_clip
 from tests.helpers import make_config
 
-# Small enough to train in seconds on 2 cores, big enough to beat chance on the 120-sample test set.
-FAST = ("clip.epochs=30", "clip.batch_size=40", "clip.eval_samples=100", "clip.lr=0.001")
+# About 15 s of training on 2 cores. 120 training images only reach about 0.055 held-out top-1 (chance 0.01),
+# so the report uses 500 held-out samples: a 0.03 threshold is then ~5 sigma above chance and ~3 below
+# the expected score (the score varies with the order ingest wrote the samples in).
+FAST = ("clip.epochs=60", "clip.batch_size=40", "clip.eval_samples=500", "clip.lr=0.001")
 TINY_ARCH = "ldm-test-tiny-ViT"  # a custom open_clip architecture registered by these tests
 TINY_ARCH_CFG = {
     "embed_dim": 32,
@@ -56,7 +58,7 @@ def tiny_arch(tmp_path_factory) -> str:
     return TINY_ARCH
 
 
-def test_tiny_clip_beats_untrained(trained):
+def test_tiny_clip_beats_untrained(trained, ingested):
     cfg, m = trained
     out = Path(clip_url(cfg).removeprefix("file://"))
     assert sorted(p.name for p in out.iterdir()) == [
@@ -66,10 +68,10 @@ def test_tiny_clip_beats_untrained(trained):
         "retrieval.png",
     ]
     assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert m["skipped_shards"] == 1 and m["train_samples"] == 120
+    assert m["skipped_shards"] == 1, m
+    assert m["train_samples"] == ingested[1]["counts"]["success"], m  # every sample of the readable shards
     assert m["retrieval_top1_untrained"] < 0.1
-    # 120 tiny training images at 32 px: a small but clear gain over chance (0.01) and the untrained model
-    assert m["retrieval_top1"] >= m["retrieval_top1_untrained"] + 0.04, m
+    assert m["retrieval_top1"] >= 0.03 and m["retrieval_top1"] >= m["retrieval_top1_untrained"] + 0.02, m
     assert m["final_loss"] > 0 and m["train_seconds"] > 0
 
 
@@ -83,7 +85,7 @@ def test_mlflow_run_logged(trained):
     run = mlflow.get_run(m["mlflow_run_id"])
     assert run.data.metrics["retrieval_top1"] == pytest.approx(m["retrieval_top1"])
     assert {"retrieval_top1_untrained", "final_loss", "train_seconds", "loss"} <= set(run.data.metrics)
-    assert run.data.params["clip.epochs"] == "30"
+    assert run.data.params["clip.epochs"] == "60"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
     assert "retrieval.png" in artifacts
 
