@@ -84,14 +84,21 @@ class ClipConfig(Section):
     weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
     # Size of the tiny model the embedded default trains.
     embed_dim: int = Field(128, ge=8)
-    vision_width: int = Field(128, ge=16)
-    vision_layers: int = Field(4, ge=1)
-    patch_size: int = Field(8, ge=2)
+    # open_clip's ModifiedResNet learns these small synthetic scenes faster per CPU-second than a ViT
+    # (4,000 local samples: 0.46 vs 0.44 held-out top-1 in 176 s vs 246 s); the ViT stays one --set away.
+    vision: Literal["resnet", "vit"] = "resnet"
+    vision_width: int | None = Field(
+        None, ge=8, description="ResNet stem width (its last stage is 32x wider) or ViT width; None: 16 / 128"
+    )
+    vision_layers: int | None = Field(
+        None, ge=1, description="ResNet: bottleneck blocks in each of its 4 stages; ViT: blocks; None: 1 / 4"
+    )
+    patch_size: int = Field(8, ge=2, description="ViT only")
     text_width: int = Field(128, ge=16)
     text_layers: int = Field(4, ge=1)
-    context_length: int = Field(24, ge=8, le=77)  # synthetic captions: at most 19 tokens with SOT/EOT
+    context_length: int = Field(32, ge=8, le=77)  # synthetic captions: at most 30 tokens with SOT/EOT
     # Training (embedded default only).
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     eval_samples: int = Field(500, ge=100, description="held-out samples rendered for the retrieval report")
@@ -135,9 +142,15 @@ class VaeConfig(Section):
     crop: int | None = Field(
         32, ge=8, description="train on random crops of this many px (None or >= resolution: whole images)"
     )
+    # LPIPS joins the loss only when both public weight files are given (nothing is downloaded).
+    lpips_vgg: str | None = Field(None, description="torchvision VGG16 checkpoint, e.g. vgg16-397923af.pth")
+    lpips_lin: str | None = Field(None, description="the lpips package's weights/v0.1/vgg.pth")
+    lpips_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _downsample_matches_blocks(self) -> VaeConfig:
+        if (self.lpips_vgg is None) != (self.lpips_lin is None):
+            raise ValueError("LPIPS needs both lpips_vgg and lpips_lin (or neither)")
         if self.path is None and 2 ** (len(self.block_channels) - 1) != self.downsample:
             raise ValueError(
                 f"downsample {self.downsample} needs {self.downsample.bit_length()} block_channels, "

@@ -67,6 +67,19 @@ PAIR_TEMPLATES = (
 BASE_RATING = 9.0
 DEGRADATION_WEIGHTS = {"blur": 4.0, "noise": 3.5, "jpeg": 3.0, "low_contrast": 3.0, "bad_crop": 3.0}
 DEGRADATION_PROB = 0.3
+# Alt text sometimes says what a picture looks like ("blurry photo of ..."), and that is what lets a
+# web-trained CLIP embed quality at all, so the aesthetic MLP on its embeddings can score it. Here a
+# share of captions name their image's degradations, or its cleanness when it has none.
+QUALITY_CAPTION_PROB = 0.6
+QUALITY_WORDS = {
+    "blur": "blurry",
+    "noise": "noisy",
+    "jpeg": "blocky",
+    "low_contrast": "faded",
+    "bad_crop": "badly cropped",
+}
+STRONG_SEVERITY = 0.6  # from this severity on a degradation is "very ..."
+CLEAN_WORDS = ("sharp and clean", "high quality")
 
 
 @dataclass(frozen=True)
@@ -126,8 +139,19 @@ def describe(seed: int, index: int, short_side: int) -> SampleSpec:
         name: round(float(rng.uniform(0.25, 1.0)), 3) for name in DEGRADATION_WEIGHTS if rng.random() < DEGRADATION_PROB
     }
     noise = float(np.clip(rng.normal(0, 0.3), -0.8, 0.8))
+    if rng.random() < QUALITY_CAPTION_PROB:  # drawn last: scenes and ratings do not depend on it
+        caption = f"{caption}, {quality_words(degradations, rng)}"
     caption = re.sub(r"\ba (?=[aeiou])", "an ", caption)
     return SampleSpec(index, w, h, bg, objects, caption, degradations, noise)
+
+
+def quality_words(degradations: dict[str, float], rng: np.random.Generator) -> str:
+    """How a caption describes an image's degradations ("very blurry, noisy"), or a clean one."""
+    if not degradations:
+        return _pick(rng, CLEAN_WORDS)
+    return ", ".join(
+        ("very " if sev >= STRONG_SEVERITY else "") + QUALITY_WORDS[name] for name, sev in degradations.items()
+    )
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

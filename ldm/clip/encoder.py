@@ -23,6 +23,8 @@ def to_model_input(
     std: Sequence[float] = open_clip.OPENAI_DATASET_STD,
 ) -> torch.Tensor:
     """uint8 [N,H,W,3] images -> normalised float [N,3,S,S] at the model's image size."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:  # e.g. decoded straight from a buffer
+        images = images.copy()  # torch warns on read-only arrays; the float conversion copies anyway
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-2:] != (image_size, image_size):
         # Antialiased bicubic: the same filter open_clip's PIL transform uses, without a PIL round trip.

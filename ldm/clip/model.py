@@ -30,18 +30,31 @@ def _head_width(width: int) -> int:
 
 def tiny_model_config(clip_cfg: ClipConfig, image_size: int) -> dict[str, Any]:
     """The tiny model as an open_clip model-config dict (the JSON format of open_clip/model_configs)."""
-    if image_size % clip_cfg.patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of clip.patch_size {clip_cfg.patch_size}")
-    return {
-        "embed_dim": clip_cfg.embed_dim,
-        "vision_cfg": {
+    if clip_cfg.vision == "resnet":
+        if image_size % 32:  # ModifiedResNet downsamples 32x before its attention pool
+            raise ValueError(f"image size {image_size} is not a multiple of 32, which clip.vision=resnet needs")
+        width = clip_cfg.vision_width or 16
+        vision_cfg = {
             "image_size": image_size,
-            "layers": clip_cfg.vision_layers,
-            "width": clip_cfg.vision_width,
-            "head_width": _head_width(clip_cfg.vision_width),
+            "layers": [clip_cfg.vision_layers or 1] * 4,  # a list selects open_clip's ModifiedResNet
+            "width": width,
+            "head_width": _head_width(width * 32),
+        }
+    else:
+        if image_size % clip_cfg.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of clip.patch_size {clip_cfg.patch_size}")
+        width = clip_cfg.vision_width or 128
+        vision_cfg = {
+            "image_size": image_size,
+            "layers": clip_cfg.vision_layers or 4,
+            "width": width,
+            "head_width": _head_width(width),
             "patch_size": clip_cfg.patch_size,
             "patch_dropout": PATCH_DROPOUT,
-        },
+        }
+    return {
+        "embed_dim": clip_cfg.embed_dim,
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "context_length": clip_cfg.context_length,
             "vocab_size": VOCAB_SIZE,

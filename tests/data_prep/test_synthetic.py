@@ -15,7 +15,17 @@ import pytest
 from PIL import Image
 
 from data_prep.sources import EXPECTED_OUTCOME, serve_synthetic, synthetic_rows
-from data_prep.sources.synthetic import COLOURS, DEGRADATION_WEIGHTS, RELATIONS, SHAPES, describe, render
+from data_prep.sources.synthetic import (
+    CLEAN_WORDS,
+    COLOURS,
+    DEGRADATION_WEIGHTS,
+    QUALITY_WORDS,
+    RELATIONS,
+    SHAPES,
+    STRONG_SEVERITY,
+    describe,
+    render,
+)
 from ldm.config import SyntheticSource
 
 
@@ -37,6 +47,23 @@ def test_scenes_and_captions_are_varied():
     assert all(any(rel in s.caption for rel in RELATIONS) for s in pairs)
     assert len({s.caption for s in specs}) > 300
     assert len({(s.width, s.height) for s in specs}) >= 3  # several aspect ratios: center-crop matters
+
+
+def test_some_captions_describe_the_image_quality():
+    specs = [describe(0, i, 64) for i in range(1000)]
+    described = 0
+    for s in specs:
+        words = s.caption.split(", ")[1:]  # scene templates have at most one comma, before "the {s1} is ..."
+        words = [w for w in words if not w.startswith("the ")]
+        if not words:
+            continue
+        described += 1
+        if not s.degradations:
+            assert words[0] in CLEAN_WORDS, s
+        else:  # one word per degradation, "very" for the strong ones, in a fixed order
+            expected = [("very " if v >= STRONG_SEVERITY else "") + QUALITY_WORDS[k] for k, v in s.degradations.items()]
+            assert words == expected, s
+    assert 0.5 < described / len(specs) < 0.7  # like alt text: often, not always
 
 
 def test_rating_follows_the_degradations():

@@ -157,6 +157,24 @@ def test_saved_model_loads_with_open_clip(trained):
         torch.testing.assert_close(theirs.encode_text(ids, normalize=True), ours.encode_text(["a red circle on grey"]))
 
 
+@pytest.mark.parametrize("vision", ["resnet", "vit"])
+def test_both_image_towers_save_and_load_with_open_clip(vision, tmp_path):
+    from ldm.clip.model import build_model, save_model, tiny_model_config
+
+    cfg = make_config("unused", f"clip.vision={vision}", "clip.vision_layers=1", "clip.text_layers=1")
+    model_cfg = tiny_model_config(cfg.clip, 32)
+    assert isinstance(model_cfg["vision_cfg"]["layers"], list) == (vision == "resnet")  # a list -> ModifiedResNet
+    torch.manual_seed(0)
+    model = build_model(model_cfg).eval()
+    save_model(model, model_cfg, str(tmp_path))
+    theirs = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(x), model.encode_image(x))
+    with pytest.raises(ValueError, match="multiple of"):
+        tiny_model_config(cfg.clip, 36)
+
+
 def test_retrieval_counts_identical_captions():
     class Stub:
         """Images all retrieve caption 0 of their group."""
