@@ -27,7 +27,6 @@ from ldm.tracking import mlflow_run
 STAGE = "train-vae"
 HELDOUT_N = 256  # held-out synthetic images for the PSNR report
 GOOD_RATING = 5.0  # the filter's default aesthetic_min: PSNR on images that would pass it, reported apart
-LPIPS_NOTE = "LPIPS not used: no LPIPS weights exist locally and nothing is downloaded"
 HISTORY_POINTS = 200  # loss curve points sent to MLflow
 
 
@@ -138,7 +137,7 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
     heldout = heldout_set(cfg.source, HELDOUT_N, res) if cfg.source.kind == "synthetic" else None
     eval_images = heldout.images if heldout is not None else data.images[:HELDOUT_N]
     good = np.array([(m.get("rating") or 0) >= GOOD_RATING for m in heldout.meta]) if heldout is not None else None
-    loss = loss_name(vcfg.l2_weight)
+    loss = loss_name(vcfg)
     params = {
         "vae": vcfg.model_dump(mode="json"),
         "resolution": res,
@@ -186,7 +185,12 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
         chash,
         {"vae": vcfg.model_dump(mode="json"), "resolution": res, "seed": cfg.seed},
         input_config_hash=input_hash,
-        loss={"name": loss, "kl_weight": vcfg.kl_weight, "l2_weight": vcfg.l2_weight, "lpips": LPIPS_NOTE},
+        loss={
+            "name": loss,
+            "kl_weight": vcfg.kl_weight,
+            "l2_weight": vcfg.l2_weight,
+            "lpips": lpips_note(vcfg),
+        },
         eval={
             "set": f"heldout synthetic ({HELDOUT_N} images)" if heldout is not None else "training sample",
             "psnr_recon": "posterior mean, [0,1] pixels, mean of per-image PSNR",
@@ -205,12 +209,19 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
     return result
 
 
+def lpips_note(vcfg) -> str:
+    """What the report says about LPIPS: which weights ran, or why it did not."""
+    if vcfg.lpips_vgg and vcfg.lpips_weight:
+        return f"LPIPS (weight {vcfg.lpips_weight:g}) from {vcfg.lpips_vgg} and {vcfg.lpips_lin}"
+    return "LPIPS not used: vae.lpips_vgg / vae.lpips_lin name no local weights, and nothing is downloaded"
+
+
 def summary(m: dict, out: str) -> str:
     """A short human summary of a train-vae manifest."""
     mt = m["metrics"]
     lines = [
         f"train-vae: {m['train_images']} images, {m['config']['vae']['steps']} steps in {mt['train_seconds']:.0f} s, "
-        f"loss {m['loss']['name']} (no LPIPS), {m['skipped_shards']} shards skipped",
+        f"loss {m['loss']['name']}, {m['skipped_shards']} shards skipped",
         f"  PSNR ({m['eval']['set']}): {mt['psnr_untrained']:.2f} dB untrained -> {mt['psnr']:.2f} dB trained"
         + (f"; rating>={GOOD_RATING:g}: {mt['psnr_rating_ge5']:.2f} dB" if "psnr_rating_ge5" in mt else ""),
         f"  latents {m['latent_shape']}, scale factor {mt['scale_factor']:.4f}; wrote {out}",

@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import storage
+from ldm.autoencoder.lpips import LPIPS
 from ldm.autoencoder.model import build_vae
 from ldm.config import VaeConfig
 
@@ -21,9 +22,14 @@ WARMUP_FRACTION = 0.03  # of the steps; Adam at lr 1e-3 on a fresh net is unstab
 MIN_LR_FRACTION = 0.05  # cosine decay floor; most of the final PSNR comes from the low-lr tail
 
 
-def loss_name(l2_weight: float) -> str:
-    """How the loss is reported: 'l1+kl' or 'l1+l2+kl' (no LPIPS: no LPIPS weights exist offline)."""
-    return "l1+l2+kl" if l2_weight else "l1+kl"
+def loss_name(vae_cfg: VaeConfig) -> str:
+    """How the loss is reported, e.g. 'l1+kl', 'l1+l2+kl', 'l1+lpips+kl'."""
+    terms = ["l1"]
+    if vae_cfg.l2_weight:
+        terms.append("l2")
+    if vae_cfg.lpips_vgg and vae_cfg.lpips_weight:
+        terms.append("lpips")
+    return "+".join([*terms, "kl"])
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -85,6 +91,7 @@ def train_vae(
     data = torch.from_numpy(np.ascontiguousarray(images))  # stays uint8: 4x less memory than float
     opt = torch.optim.AdamW(vae.parameters(), lr=vae_cfg.lr, weight_decay=0.0)
     pixels = 3 * (crop or res) ** 2
+    lpips = LPIPS(vae_cfg.lpips_vgg, vae_cfg.lpips_lin) if vae_cfg.lpips_vgg and vae_cfg.lpips_weight else None
     history: dict[str, list[float]] = {"loss": [], "rec": [], "kl": [], "lr": []}
     bar = tqdm(range(vae_cfg.steps), desc="train-vae", unit="step", disable=not progress, dynamic_ncols=True)
     batches = _batches(n, vae_cfg.batch_size, gen)
@@ -94,10 +101,13 @@ def train_vae(
         for group in opt.param_groups:
             group["lr"] = lr
         posterior = vae.encode(x).latent_dist
-        err = vae.decode(posterior.sample(generator=gen)).sample - x
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        err = recon - x
         rec = err.abs().mean()
         if vae_cfg.l2_weight:
             rec = rec + vae_cfg.l2_weight * err.pow(2).mean()
+        if lpips is not None:
+            rec = rec + vae_cfg.lpips_weight * lpips(recon, x).mean()
         kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it
         loss = rec + vae_cfg.kl_weight * kl / pixels
         opt.zero_grad(set_to_none=True)
