@@ -140,7 +140,7 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         empty_prompt=empty, rows=rows,
         parts=[{"name": u.rsplit("/", 1)[1], "rows": expected[u.rsplit("/", 1)[1].removesuffix(".parquet")]}
                for u in parts],
-        parts_resumed=len(done), timings={"total_s": round(time.time() - t0, 2)},
+        parts_resumed=len(done), timings={"total_s": round(time.time() - t0, 2)}, cluster=_cluster(resources),
         images_per_s=round(written / max(1e-9, time.time() - t0), 2),
     )  # fmt: skip
     print(
@@ -148,6 +148,17 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         f" text states [len, {text_dim}] fp16, scale factor {scale:.4f}; {result['images_per_s']} images/s"
     )
     return result
+
+
+def _cluster(resources: dict) -> dict:
+    """Which Ray cluster ran the stage (its GCS address) and its size."""
+    import ray
+
+    return {
+        "gcs_address": ray.get_runtime_context().gcs_address,
+        "cpus": resources.get("CPU", 0),
+        "gpus": resources.get("GPU", 0),
+    }
 
 
 def _run_pipeline(cfg, workdir, todo, expected, parts_url, shape, text_dim, scale, resources) -> int:

@@ -19,7 +19,7 @@ from data_prep.manifest import StageError
 from data_prep.precompute import run_precompute
 from data_prep.precompute.reader import collate, empty_prompt, latent_dataset, load_latent_manifest
 from data_prep.shards import iter_samples
-from tests.helpers import make_config
+from tests.helpers import free_port, make_config
 
 
 @pytest.fixture(scope="session")
@@ -205,3 +205,27 @@ def test_precompute_reads_and_writes_s3(latents, s3_bucket):
     ds, lm = latent_dataset(f"{s3_bucket}/w/latents")
     assert ds.count() == m["rows"] and load_latent_manifest(f"{s3_bucket}/w/latents")["rows"] == m["rows"]
     ray.shutdown()
+
+
+def test_precompute_joins_the_cluster_named_by_ray_address(latents, tmp_path):
+    """A `ray start --head` cluster stands in for KubeRay: the stage runs on it instead of starting its own."""
+    cfg, m = latents
+    workdir = _stage_inputs(cfg, tmp_path / "w")
+    port = free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=268435456", "--disable-usage-stats"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
+        env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = storage.read_json(f"{workdir}/latents/manifest.json")
+        assert got["cluster"]["gcs_address"] == f"127.0.0.1:{port}", got["cluster"]
+        assert got["cluster"]["cpus"] == 2 and got["rows"] == m["rows"]
+    finally:  # the head's GCS, raylet and workers share its process group
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
