@@ -21,6 +21,7 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         else:
             ray.init(
+                address="local",  # a new cluster: never attach to one a stale /tmp/ray/ray_current_cluster names
                 num_cpus=os.cpu_count(),
                 num_gpus=None if cfg.compute.use_gpu else 0,
                 object_store_memory=object_store_mb * 1024 * 1024,

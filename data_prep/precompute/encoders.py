@@ -14,6 +14,7 @@ import numpy as np
 from data_prep.shards import decode_rgb, read_shard
 
 Batch = dict[str, np.ndarray]
+CPU_CHUNK = 16  # images per VAE forward on a CPU actor
 
 
 def shard_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,6 +40,19 @@ def decode_images(batch: Batch, resolution: int) -> Batch:
     return out
 
 
+def vae_compute_dtype(cfg, device_type: str):
+    """The VAE's compute dtype: fp16 on a GPU and bf16 on an AMX CPU when precompute.half, else fp32."""
+    import torch
+
+    from ldm.devices import use_bf16
+
+    if not cfg.precompute.half:
+        return torch.float32
+    if device_type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if use_bf16() else torch.float32
+
+
 def _threads(use_gpu: bool) -> None:
     import torch
 
@@ -58,29 +72,32 @@ class VaeLatentEncoder:
         cfg = PipelineConfig.model_validate(cfg_dict)
         _threads(cfg.compute.use_gpu)
         self.device = torch.device("cuda" if cfg.compute.use_gpu and torch.cuda.is_available() else "cpu")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        vae = load_vae(cfg).to(self.device, self.dtype).eval()
-        if self.device.type == "cuda":
-            vae = vae.to(memory_format=torch.channels_last)
-        self.vae, self.latent, self.seed = vae, latent, seed
+        self.dtype = vae_compute_dtype(cfg, self.device.type)
+        # channels-last everywhere: on the CPU too it is ~1.3x faster for these convolutions.
+        weights_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # CPU bf16 runs by autocast
+        self.vae = load_vae(cfg).to(self.device, weights_dtype).eval().to(memory_format=torch.channels_last)
+        self.latent, self.seed = latent, seed
+        # A GPU takes the whole batch; a CPU core runs small chunks faster (they stay in cache): one-thread
+        # encode of the local VAE at 64 px measured ~190 images/s in chunks of 16 against ~120 in one of 64.
+        self.chunk = None if self.device.type == "cuda" else CPU_CHUNK
 
     def __call__(self, batch: Batch) -> Batch:
         """Add `latent` (fp16 bytes, [C,h,w] per row); drop the pixels."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2)
-        x = (x.to(self.device, self.dtype) / 127.5 - 1.0).contiguous(
-            memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        )
-        with torch.no_grad():
-            dist = self.vae.encode(x).latent_dist
-            z = dist.mean
+        x = x.to(self.device, torch.float32 if self.device.type == "cpu" else self.dtype) / 127.5 - 1.0
+        x = x.contiguous(memory_format=torch.channels_last)
+        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+            dists = [self.vae.encode(part).latent_dist for part in x.split(self.chunk or len(x))]
+            z = torch.cat([d.mean for d in dists])
             if self.latent == "sample":  # noise seeded by the row's key: the same whatever the batching
                 eps = torch.stack([
                     torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(self._row_seed(k)))
                     for k in batch["key"]
                 ]).to(z)  # fmt: skip
-                z = z + dist.std * eps
+                z = z + torch.cat([d.std for d in dists]) * eps
         z = z.float().cpu().numpy().astype(np.float16)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["latent"] = np.array([row.tobytes() for row in z], dtype=object)
