@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 # Reinstall whenever pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 WORKDIR ?= work/local
+ARGS    ?=
 
 .PHONY: demo test lint bench clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/ldm run --profile local --workdir $(WORKDIR)
+	$(BIN)/ldm run --profile local --workdir $(WORKDIR) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +29,8 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/filter.py --workdir $(WORKDIR)
+	$(BIN)/python bench/precompute.py --workdir $(WORKDIR)
 
 clean:
 	rm -rf work .pytest_cache

@@ -1,14 +1,16 @@
 """Precompute: the Ray Data stage against a single-process sequential loop, and peak memory vs dataset size.
 
 1. Throughput: both decode, VAE-encode, text-encode and write Parquet for the same filtered shards
-   with the same models. The Ray cluster is started before timing (as on a real cluster); its
-   start-up is printed separately. Alternating runs; medians and the ratio are printed.
+   (replicated to --rows) with the same models. The loop is plain PyTorch (fp32, torch's default
+   threads, batches of 16, its fastest); the stage uses what it uses in production (see docs/PERFORMANCE.md).
+   The Ray cluster is started before timing (as on a real cluster); its start-up is printed
+   separately. Alternating runs; medians and the ratio are printed.
 2. Streaming: peak RSS of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
    workers) at 2,000 and at 8,000 rows, made by replicating the filtered shards.
 
 Needs a work directory where the pipeline ran up to train-vae (e.g. after `make demo`):
 
-    .venv/bin/python bench/precompute.py --workdir work/local [--repeats 3] [--skip-rss]
+    .venv/bin/python bench/precompute.py --workdir work/local [--rows 12000] [--repeats 3] [--skip-rss]
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ import pyarrow.parquet as pq
 import torch
 
 from data_prep import storage
-from data_prep.precompute import SCHEMA, run_precompute
+from data_prep.precompute import SCHEMA, _compute_dtype, run_precompute
 from data_prep.shards import decode_rgb, read_shard, shard_urls
 from ldm.config import load_config
+
+SEQ_BATCH = 16  # the loop's best batch here (2 threads: 175-260 images/s against 129-177 at 64, 94-116 at 256)
 
 
 @torch.no_grad()
@@ -47,8 +51,8 @@ def sequential(cfg, shards: list[str], out: Path) -> int:
     for url in shards:
         samples = read_shard(url)
         rows = []
-        for i in range(0, len(samples), cfg.precompute.batch_size):
-            chunk = samples[i : i + cfg.precompute.batch_size]
+        for i in range(0, len(samples), SEQ_BATCH):
+            chunk = samples[i : i + SEQ_BATCH]
             px = np.stack([decode_rgb(s["jpg"], cfg.ingest.resolution) for s in chunk])
             x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1
             z = vae.encode(x).latent_dist.mean.numpy().astype(np.float16)
@@ -66,19 +70,27 @@ def sequential(cfg, shards: list[str], out: Path) -> int:
     return n
 
 
-def stage_workdir(src: Path, dest: Path, copies: int = 1) -> int:
-    """A work directory with the source's models and its filtered shards replicated `copies` times."""
+def stage_workdir(src: Path, dest: Path, rows: int | None = None) -> int:
+    """A work directory with the source's models and its filtered shards: all of them once, or, for `rows`,
+    whole shards taken in order (cycling with new names when more are needed) until at least that many rows."""
     shutil.copytree(src / "models", dest / "models")
+    (dest / "raw").mkdir(parents=True)
+    shutil.copy(src / "raw" / "manifest.json", dest / "raw")  # upstream identity the stages check, not data
     fm = storage.read_json(str(src / "filtered" / "manifest.json"))
     (dest / "filtered" / "shards").mkdir(parents=True)
-    shards = []
-    for c in range(copies):
+    shards: list[dict] = []
+    total, copy = 0, 0
+    while (rows is None and copy == 0) or (rows is not None and total < rows):
         for s in fm["shards"]:
-            name = f"{c:03d}{s['name']}"
+            if rows is not None and total >= rows:
+                break
+            name = f"{copy:03d}{s['name']}"
             shutil.copy(src / "filtered" / "shards" / s["name"], dest / "filtered" / "shards" / name)
             shards.append({"name": name, "samples": s["samples"]})
+            total += s["samples"]
+        copy += 1
     storage.write_json_atomic(str(dest / "filtered" / "manifest.json"), {**fm, "shards": shards})
-    return sum(s["samples"] for s in shards)
+    return total
 
 
 def _tree_rss(root: int) -> int:
@@ -124,15 +136,19 @@ def main() -> None:
     p.add_argument("--workdir", default="work/local")
     p.add_argument("--profile", default="local")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rows", type=int, default=12000, help="filtered rows to time (shards replicated as needed)")
     p.add_argument("--skip-rss", action="store_true")
     a = p.parse_args()
     src = Path(a.workdir).resolve()
     results: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        n = stage_workdir(src, base / "in")
+        n = stage_workdir(src, base / "in", a.rows)
+        warm = stage_workdir(src, base / "warm", 500)  # a few shards: worker start-up, imports, page cache
         cfg = load_config(a.profile, [], str(base / "in"))
+        warm_cfg = load_config(a.profile, [], str(base / "warm"))
         shards = shard_urls(storage.join(storage.normalize(str(base / "in")), "filtered", "shards"))
+        warm_shards = shard_urls(storage.join(storage.normalize(str(base / "warm")), "filtered", "shards"))
         from data_prep.ray_cluster import ensure_ray
 
         t0 = time.perf_counter()
@@ -150,14 +166,16 @@ def main() -> None:
             run_precompute(cfg)
             return n / (time.perf_counter() - t)
 
-        seq(-1), ours(-1)  # warm-up: worker start, page cache
+        sequential(warm_cfg, warm_shards, base / "seq-warm")
+        run_precompute(warm_cfg)
+        print(f"warm-up done ({warm} rows); timing {n} rows", flush=True)
         for r in range(a.repeats):
             order = [("sequential loop", seq), ("ray data stage", ours)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 results[name].append(fn(r))
         print(
-            f"\n{n} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px (images/s; Ray start-up {startup:.1f} s"
-            " not included)"
+            f"\n{n} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE compute "
+            f"{_compute_dtype(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included, actor start-up is)"
         )
         for name, xs in results.items():
             print(f"  {name:<16} median {statistics.median(xs):7.1f}   runs {', '.join(f'{x:.1f}' for x in xs)}")
@@ -168,12 +186,10 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-        per_copy = n
         peaks = {}
         for rows_wanted in (2000, 8000):
-            copies = max(1, round(rows_wanted / per_copy))
             d = base / f"rss{rows_wanted}"
-            rows = stage_workdir(src, d, copies)
+            rows = stage_workdir(src, d, rows_wanted)
             cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", a.profile, "--workdir", str(d)]
             peaks[rows] = peak_rss_mb(cmd)
         (r1, m1), (r2, m2) = sorted(peaks.items())
