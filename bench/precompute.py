@@ -4,7 +4,9 @@
    (replicated to --rows) with the same models. The loop is plain PyTorch (fp32, torch's default
    threads, batches of 16, its fastest); the stage uses what it uses in production (see docs/PERFORMANCE.md).
    The Ray cluster is started before timing (as on a real cluster); its start-up is printed
-   separately. Alternating runs; medians and the ratio are printed.
+   separately. Each run times --rows/2 and --rows rows: end-to-end images/s at the full size, and the
+   marginal rate between the sizes, which cancels each side's fixed cost per run (model loading;
+   for the stage, three actors importing torch and diffusers). Alternating runs; medians and ratios.
 2. Streaming: peak RSS of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
    workers) at 2,000 and at 8,000 rows, made by replicating the filtered shards.
 
@@ -140,47 +142,63 @@ def main() -> None:
     p.add_argument("--skip-rss", action="store_true")
     a = p.parse_args()
     src = Path(a.workdir).resolve()
-    results: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        n = stage_workdir(src, base / "in", a.rows)
+        sizes = {
+            "half": stage_workdir(src, base / "half", a.rows // 2),
+            "full": stage_workdir(src, base / "full", a.rows),
+        }
         warm = stage_workdir(src, base / "warm", 500)  # a few shards: worker start-up, imports, page cache
-        cfg = load_config(a.profile, [], str(base / "in"))
-        warm_cfg = load_config(a.profile, [], str(base / "warm"))
-        shards = shard_urls(storage.join(storage.normalize(str(base / "in")), "filtered", "shards"))
-        warm_shards = shard_urls(storage.join(storage.normalize(str(base / "warm")), "filtered", "shards"))
+        cfgs = {k: load_config(a.profile, [], str(base / k)) for k in ("half", "full", "warm")}
+        cfg = cfgs["full"]
+
+        def shards_of(k: str) -> list[str]:
+            return shard_urls(storage.join(storage.normalize(str(base / k)), "filtered", "shards"))
+
         from data_prep.ray_cluster import ensure_ray
 
         t0 = time.perf_counter()
         ensure_ray(cfg, cfg.precompute.object_store_mb)
         startup = time.perf_counter() - t0
 
-        def seq(r: int) -> float:
+        def seq(k: str, r: int) -> float:
             t = time.perf_counter()
-            sequential(cfg, shards, base / f"seq{r}")
-            return n / (time.perf_counter() - t)
+            sequential(cfgs[k], shards_of(k), base / f"seq-{k}{r}")
+            return time.perf_counter() - t
 
-        def ours(r: int) -> float:
-            shutil.rmtree(base / "in" / "latents", ignore_errors=True)
+        def ours(k: str, r: int) -> float:
+            shutil.rmtree(base / k / "latents", ignore_errors=True)
             t = time.perf_counter()
-            run_precompute(cfg)
-            return n / (time.perf_counter() - t)
+            run_precompute(cfgs[k])
+            return time.perf_counter() - t
 
-        sequential(warm_cfg, warm_shards, base / "seq-warm")
-        run_precompute(warm_cfg)
-        print(f"warm-up done ({warm} rows); timing {n} rows", flush=True)
+        seq("warm", 0), ours("warm", 0)
+        print(f"warm-up done ({warm} rows); timing {sizes['half']} and {sizes['full']} rows", flush=True)
+        # Per run: end-to-end images/s at the full size, and the marginal rate between the two sizes,
+        # (n_full - n_half) / (t_full - t_half), which cancels fixed costs (model loading, actor start-up).
+        end_to_end: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+        marginal: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+        fixed: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
         for r in range(a.repeats):
             order = [("sequential loop", seq), ("ray data stage", ours)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
-                results[name].append(fn(r))
+                t_half, t_full = fn("half", r), fn("full", r)
+                rate = (sizes["full"] - sizes["half"]) / (t_full - t_half)
+                end_to_end[name].append(sizes["full"] / t_full)
+                marginal[name].append(rate)
+                fixed[name].append(t_full - sizes["full"] / rate)
         print(
-            f"\n{n} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE compute "
-            f"{_compute_dtype(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included, actor start-up is)"
+            f"\n{sizes['full']} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE compute "
+            f"{_compute_dtype(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included)"
         )
-        for name, xs in results.items():
-            print(f"  {name:<16} median {statistics.median(xs):7.1f}   runs {', '.join(f'{x:.1f}' for x in xs)}")
-        ratio = statistics.median(results["ray data stage"]) / statistics.median(results["sequential loop"])
-        print(f"  ratio stage/sequential: {ratio:.2f}x")
+        for label, table in (("end to end", end_to_end), ("marginal", marginal)):
+            for name, xs in table.items():
+                runs = ", ".join(f"{x:.1f}" for x in xs)
+                print(f"  {label:<10} {name:<16} median {statistics.median(xs):7.1f}   runs {runs}")
+            ratio = statistics.median(table["ray data stage"]) / statistics.median(table["sequential loop"])
+            print(f"  {label:<10} ratio stage/sequential: {ratio:.2f}x")
+        for name, xs in fixed.items():
+            print(f"  fixed cost per run, {name}: median {statistics.median(xs):.1f} s")
         if a.skip_rss:
             return
         import ray
