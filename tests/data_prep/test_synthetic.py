@@ -96,11 +96,12 @@ def test_rows_carry_every_broken_kind_and_the_good_count():
     assert manifest["expected_outcomes"]["success"] == 50
 
 
-def test_metadata_for_100k_samples_is_quick():
-    t0 = time.perf_counter()
+def test_metadata_for_100k_samples():
+    """The source scales: 100k rows of metadata without rendering (pytest-timeout catches a quadratic blow-up)."""
     table, manifest = synthetic_rows(SyntheticSource(num_samples=100_000), "http://127.0.0.1:1", refused_port=9)
-    assert manifest["good_rows"] == 100_000 and table.num_rows > 100_000
-    assert time.perf_counter() - t0 < 120  # generous: a guard against quadratic behaviour, not a benchmark
+    assert manifest["good_rows"] == 100_000 and table.num_rows == manifest["rows"] > 100_000
+    urls = table.column("URL").to_pylist()
+    assert len(set(urls)) == len(urls) - manifest["broken"]["duplicate_url"]  # only the planted duplicates repeat
 
 
 def _get(url: str) -> tuple[int, bytes, str]:
