@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -84,3 +85,12 @@ def remove(url: str) -> None:
     fs, path = fs_for(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, streamed in 1 MiB chunks (an SD VAE's weights are ~330 MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

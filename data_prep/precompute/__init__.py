@@ -8,7 +8,6 @@ as the shard is complete. Parts are named by input shard, so a killed run resume
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import time
 from collections import defaultdict
@@ -43,11 +42,7 @@ def weights_identity(path: str) -> str:
     st = p.stat()
     if st.st_size > 2**30:
         return f"size{st.st_size}-mtime{int(st.st_mtime)}"
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.file_sha256(p)
 
 
 def _component_identities(cfg: PipelineConfig, workdir: str) -> tuple[dict, dict]:

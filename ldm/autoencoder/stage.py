@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -53,15 +52,6 @@ def config_hash(cfg: PipelineConfig, input_hash: str) -> str:
     )
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed (the SD VAE's weights are ~330 MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _skip(out: str) -> dict:
     done = storage.read_json(storage.join(out, manifest.MANIFEST))
     print(f"train-vae: {out} is up to date; skipping")
@@ -74,7 +64,7 @@ def _run_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
     if not folder.is_dir():
         raise manifest.StageError(f"VAE folder {folder} does not exist")
     wfile = weights_file(folder)
-    sha = file_sha256(wfile)
+    sha = storage.file_sha256(wfile)
     chash = config_hash(cfg, sha)  # new weights at the same path are a new VAE for every later stage
     if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
         return _skip(out)

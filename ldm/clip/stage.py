@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import textwrap
 import time
@@ -46,14 +45,6 @@ def config_hash(cfg: PipelineConfig, raw_hash: str) -> str:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _register_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
     """Prod: nothing to train; check that the weights load and record exactly which file they were."""
     arch, weights = cfg.clip.arch, cfg.clip.weights
@@ -63,7 +54,7 @@ def _register_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict
     if not path.is_file():
         raise manifest.StageError(f"CLIP weights not found: {weights} (clip.weights for arch {arch})")
     # The content hash, not the path, is the identity: replaced weights at the same path are new output.
-    sha = _sha256(path)
+    sha = storage.file_sha256(path)
     chash = manifest.digest({"arch": arch, "weights": str(path.resolve()), "sha256": sha})
     if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
         print(f"{STAGE}: {out} is up to date ({arch} from {weights}); skipping")
