@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_prep import storage
-from data_prep.precompute import SCHEMA, _compute_dtype, run_precompute
+from data_prep.precompute import SCHEMA, compute_dtype_name, run_precompute
 from data_prep.shards import decode_rgb, read_shard, shard_urls
 from ldm.config import load_config
 
@@ -189,7 +189,7 @@ def main() -> None:
                 fixed[name].append(t_full - sizes["full"] / rate)
         print(
             f"\n{sizes['full']} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE compute "
-            f"{_compute_dtype(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included)"
+            f"{compute_dtype_name(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included)"
         )
         for label, table in (("end to end", end_to_end), ("marginal", marginal)):
             for name, xs in table.items():

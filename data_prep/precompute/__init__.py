@@ -129,7 +129,7 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     result = manifest.commit(
         out, STAGE, chash, section,
         vae=vae_id, text_encoder=text_id, resolution=cfg.ingest.resolution,
-        latent_shape=list(shape), latent_dtype="float16", scale_factor=scale, vae_compute_dtype=_compute_dtype(cfg),
+        latent_shape=list(shape), latent_dtype="float16", scale_factor=scale, vae_compute_dtype=compute_dtype_name(cfg),
         latent_kind=cfg.precompute.latent, latent_seed=cfg.seed if cfg.precompute.latent == "sample" else None,
         text_dim=text_dim, text_dtype="float16", context_length=context_length,
         empty_prompt=empty, rows=rows,
@@ -145,7 +145,7 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     return result
 
 
-def _compute_dtype(cfg: PipelineConfig) -> str:
+def compute_dtype_name(cfg: PipelineConfig) -> str:
     """The dtype the VAE actors compute in (as judged on the driver's kind of machine)."""
     from data_prep.precompute.encoders import vae_compute_dtype
 
