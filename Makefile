@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/filter.py --workdir $(WORKDIR)
 	$(BIN)/python bench/precompute.py --workdir $(WORKDIR)
+	$(BIN)/python bench/vae_encode.py --workdir $(WORKDIR)
 
 clean:
 	rm -rf work .pytest_cache
