@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from data_prep import storage
 from data_prep.filter import Scorer, drop_reason, filter_shard
-from data_prep.shards import decode_rgb, read_shard, shard_urls, write_shard
 from ldm.aesthetic.stage import load_scorer
 from ldm.clip.encoder import load_encoder
 from ldm.config import load_config
+from ldm.io import storage
+from ldm.io.shards import decode_rgb, read_shard, shard_urls, write_shard
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import time
 
 import pyarrow.parquet as pq
 
-from data_prep.ingest import run_ingest
 from data_prep.sources import _closed_port, serve_synthetic, synthetic_rows
+from flows.registry import run as run_stage
 from ldm.config import load_config
 
 
@@ -88,7 +88,7 @@ def main() -> None:
                 os.path.join(tmp, f"ours{r}"),
             )
             t0 = time.perf_counter()
-            n = run_ingest(c)["counts"]["success"]
+            n = run_stage("ingest", c)["counts"]["success"]
             return n / (time.perf_counter() - t0) / cores
 
         plain(-1), ours(-1)  # warm-up: page cache, imports, first-spawn costs; not counted

@@ -33,10 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from data_prep import storage
-from data_prep.precompute import SCHEMA, compute_dtype_name, run_precompute
-from data_prep.shards import decode_rgb, read_shard, shard_urls
+from data_prep.precompute import compute_dtype_name
+from flows.registry import run as run_stage
 from ldm.config import load_config
+from ldm.io import storage
+from ldm.io.latents import SCHEMA
+from ldm.io.shards import decode_rgb, read_shard, shard_urls
 
 SEQ_BATCH = 16  # the loop's best batch here (2 threads: 175-260 images/s against 129-177 at 64, 94-116 at 256)
 
@@ -155,7 +157,7 @@ def main() -> None:
         def shards_of(k: str) -> list[str]:
             return shard_urls(storage.join(storage.normalize(str(base / k)), "filtered", "shards"))
 
-        from data_prep.ray_cluster import ensure_ray
+        from ldm.ray_cluster import ensure_ray
 
         t0 = time.perf_counter()
         ensure_ray(cfg, cfg.precompute.object_store_mb)
@@ -169,7 +171,7 @@ def main() -> None:
         def ours(k: str, r: int) -> float:
             shutil.rmtree(base / k / "latents", ignore_errors=True)
             t = time.perf_counter()
-            run_precompute(cfgs[k])
+            run_stage("precompute", cfgs[k])
             return time.perf_counter() - t
 
         seq("warm", 0), ours("warm", 0)
@@ -208,7 +210,8 @@ def main() -> None:
         for rows_wanted in (2000, 8000):
             d = base / f"rss{rows_wanted}"
             rows = stage_workdir(src, d, rows_wanted)
-            cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", a.profile, "--workdir", str(d)]
+            cmd = [sys.executable, "-m", "flows.cli", "stage", "precompute"]
+            cmd += ["--profile", a.profile, "--workdir", str(d)]
             peaks[rows] = peak_rss_mb(cmd)
         (r1, m1), (r2, m2) = sorted(peaks.items())
         print(

@@ -1,4 +1,4 @@
-"""Data preparation stages: sources, ingest, filter, precompute, and storage helpers."""
+"""The data stages (middle floor): sources, ingest (img2dataset), filter, precompute (Ray Data). Imports ldm/ only."""
 
 from ldm import offline
 

@@ -7,8 +7,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from data_prep import storage
 from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.stage import Workdir
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -23,8 +24,7 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 def artifact_root(cfg: PipelineConfig) -> str:
     """Where runs' artifacts go when this pipeline creates the experiment: W/mlartifacts."""
-    workdir = storage.normalize(cfg.workdir)
-    return storage.join(workdir, "mlartifacts")
+    return Workdir.of(cfg).mlartifacts
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

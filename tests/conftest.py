@@ -16,10 +16,10 @@ from tests.helpers import free_port, make_config
 @pytest.fixture(scope="session")
 def ingested(tmp_path_factory):
     """One uninterrupted ingest of the test profile's synthetic source: (config, manifest)."""
-    from data_prep.ingest import run_ingest
+    from flows.registry import run as run_stage
 
     cfg = make_config(tmp_path_factory.mktemp("ingested"))
-    return cfg, run_ingest(cfg)
+    return cfg, run_stage("ingest", cfg)
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +79,15 @@ def components(tmp_path_factory, ingested):
     import shutil
     from pathlib import Path
 
-    from data_prep.filter import run_filter
-    from ldm.aesthetic.stage import run_train_aesthetic
-    from ldm.clip.stage import run_train_clip
+    from flows.registry import run as run_stage
 
     src, _ = ingested
     workdir = tmp_path_factory.mktemp("components")
     shutil.copytree(Path(src.workdir) / "raw", workdir / "raw")
     cfg = make_config(workdir)
-    manifests = {"clip": run_train_clip(cfg), "aesthetic": run_train_aesthetic(cfg), "filter": run_filter(cfg)}
+    manifests = {
+        "clip": run_stage("train-clip", cfg),
+        "aesthetic": run_stage("train-aesthetic", cfg),
+        "filter": run_stage("filter", cfg),
+    }
     return cfg, manifests

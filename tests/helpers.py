@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 
-from data_prep import storage
-from data_prep.shards import iter_samples
 from ldm.config import PipelineConfig, load_config
+from ldm.io import storage
+from ldm.io.shards import iter_samples
 
 
 def make_config(workdir: Path | str, *overrides: str) -> PipelineConfig:

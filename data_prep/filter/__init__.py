@@ -14,10 +14,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_prep import manifest, storage
 from data_prep.filter.report import GOOD_RATING, histogram_png, precision_recall
-from data_prep.shards import ShardError, decode_rgb, read_shard, shard_urls, write_shard
-from ldm.config import FilterConfig, PipelineConfig
+from ldm.aesthetic.stage import load_scorer
+from ldm.clip.encoder import load_encoder
+from ldm.config import FilterConfig
+from ldm.io import storage
+from ldm.io.shards import ShardError, decode_rgb, read_shard, shard_urls, write_shard
+from ldm.stage import StageRun
+from ldm.tracking import mlflow_run
 
 STAGE = "filter"
 REASONS = ("low_aesthetic", "low_similarity", "too_small", "watermark", "unsafe")
@@ -95,22 +99,6 @@ def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConf
     return stats
 
 
-def _upstream(cfg: PipelineConfig, workdir: str) -> dict:
-    """Config hashes of the raw shards and of the models that score them."""
-    hashes = {}
-    for key, sub, needed in (
-        ("raw", "raw", True),
-        ("clip", "models/clip", True),
-        ("aesthetic", "models/aesthetic", True),
-    ):
-        url = storage.join(workdir, sub, manifest.MANIFEST)
-        if needed and not storage.exists(url):
-            stage = {"raw": "ingest", "clip": "train-clip", "aesthetic": "train-aesthetic"}[key]
-            raise manifest.StageError(f"{url} does not exist: run the {stage} stage first")
-        hashes[key] = storage.read_json(url)["config_hash"]
-    return hashes
-
-
 def _read_scores(shards_out: str) -> pa.Table:
     fs, path = storage.fs_for(shards_out)
     tables = []
@@ -120,24 +108,14 @@ def _read_scores(shards_out: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({"aesthetic": [], "similarity": [], "reason": []})
 
 
-def run_filter(cfg: PipelineConfig, overwrite: bool = False) -> dict:
+def filter_stage(run: StageRun) -> dict:
     """Filter W/raw/shards into W/filtered/shards; write filter_report.json and a score histogram."""
-    from ldm.aesthetic.stage import load_scorer
-    from ldm.clip.encoder import load_encoder
-    from ldm.tracking import mlflow_run
-
-    workdir = storage.normalize(cfg.workdir)
-    out, shards_out = storage.join(workdir, "filtered"), storage.join(workdir, "filtered", "shards")
-    section = {"filter": cfg.filter.model_dump(mode="json"), "resolution": cfg.ingest.resolution}
-    chash = manifest.digest({**section, "upstream": _upstream(cfg, workdir)})
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        print(f"filter: {out} is up to date; skipping")
-        return storage.read_json(storage.join(out, manifest.MANIFEST))
+    cfg, out, shards_out = run.cfg, run.out, run.workdir.filtered_shards
     t0 = time.time()
     encoder = load_encoder(cfg)
     scorer = Scorer(encoder, load_scorer(cfg, encoder.embed_dim), cfg.ingest.resolution, cfg.filter.batch_size)
-    manifest.begin(out, STAGE, chash)
-    raw_shards = shard_urls(storage.join(workdir, "raw", "shards"))
+    run.begin()
+    raw_shards = shard_urls(run.workdir.raw_shards)
     fs, out_path = storage.fs_for(shards_out)
     done = {p.rsplit("/", 1)[1].removesuffix("_stats.json") for p in fs.glob(f"{out_path}/*_stats.json")}
     skipped: list[str] = []
@@ -176,7 +154,7 @@ def run_filter(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     }
     if "ground_truth" in report:
         metrics |= {k: report["ground_truth"][k] for k in ("precision", "recall")}
-    with mlflow_run(cfg, STAGE, section) as mlf:
+    with mlflow_run(cfg, STAGE, run.config) as mlf:
         mlf.log_metrics(metrics)
         mlf.log_dict(report, "filter_report.json")
         from PIL import Image
@@ -187,23 +165,19 @@ def run_filter(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         p.rsplit("/", 1)[1].removesuffix("_stats.json"): json.loads(fs.cat(p))
         for p in fs.glob(f"{out_path}/*_stats.json")
     }
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        section,
+    return dict(
         counts=counts,
         skipped_shards=len(skipped),
         metrics=metrics,
         shards=[{"name": f"{k}.tar", "samples": v["kept"]} for k, v in sorted(stats.items())],
         report=storage.join(out, "filter_report.json"),
+        filter_report=report,
     )
-    print(summary(report))
-    return result
 
 
-def summary(report: dict) -> str:
-    """A human summary of the filter report."""
+def summary(m: dict) -> str:
+    """A human summary of the filter manifest and its report."""
+    report = m["filter_report"]
     c = report["counts"]
     lines = [f"filter summary: kept {c['kept']} of {c['samples']} samples"]
     lines += [f"  dropped {r:<15} {c[r]:>7}" for r in REASONS if c[r]]

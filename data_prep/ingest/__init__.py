@@ -14,20 +14,16 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from data_prep import manifest, storage
 from data_prep.ingest.outcomes import read_shard_stats, tally
 from data_prep.ingest.prepare import inspect_inputs, prepare
 from data_prep.ingest.url_guard import UrlGuard
 from data_prep.sources import open_source
 from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.manifest import StageError
+from ldm.stage import StageRun
 
-STAGE = "ingest"
 OOM_SHARD_COUNT = 5  # shard names are 5 digits: 00000.tar
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """Identity of ingest's output: its own section and the source it reads."""
-    return manifest.digest({"ingest": cfg.ingest.model_dump(mode="json"), "source": cfg.source.model_dump(mode="json")})
 
 
 @contextlib.contextmanager
@@ -109,21 +105,15 @@ def _download(cfg: PipelineConfig, input_url: str, shards_url: str, extras: list
     )
 
 
-def run_ingest(cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Download the profile's URL list into W/raw/; skip if done, resume if partial. Returns the manifest."""
-    out = storage.join(storage.normalize(cfg.workdir), "raw")
-    chash = config_hash(cfg)
-    state = manifest.check_output(out, chash, overwrite)
-    if state is manifest.OutputState.DONE:
-        done = storage.read_json(storage.join(out, manifest.MANIFEST))
-        print(f"ingest: {out} is up to date ({done['counts'].get('success', 0)} samples); skipping")
-        return done
+def ingest(run: StageRun) -> dict:
+    """Download the profile's URL list into W/raw/shards, resuming from finished shards; the manifest's fields."""
+    cfg, out = run.cfg, run.out
     started = time.time()
-    with open_source(cfg, storage.normalize(cfg.workdir)) as source:
+    with open_source(cfg, run.workdir.source) as source:
         inputs = inspect_inputs(source.paths, cfg.ingest.columns)  # refuses bad input before any write
-        manifest.begin(out, STAGE, chash)
+        run.begin()
         guard = UrlGuard(cfg.ingest.url_policy)
-        input_url, shards_url = storage.join(out, "_input"), storage.join(out, "shards")
+        input_url, shards_url = storage.join(out, "_input"), run.workdir.raw_shards
         prepared = prepare(inputs, cfg.ingest.columns, guard, input_url)
         expected_shards = sum(math.ceil(n / cfg.ingest.samples_per_shard) for n in prepared.rows)
         before = read_shard_stats(shards_url) if storage.exists(shards_url) else {}
@@ -142,7 +132,7 @@ def run_ingest(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         download_s = time.time() - t0
     stats = read_shard_stats(shards_url)
     if len(stats) != expected_shards:
-        raise manifest.StageError(
+        raise StageError(
             f"ingest incomplete: {len(stats)} of {expected_shards} shards finished in {shards_url}; rerun to resume"
         )
     outcomes, messages = tally(stats)
@@ -150,12 +140,8 @@ def run_ingest(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     new_successes = sum(s["successes"] for name, s in stats.items() if name not in before)
     fs, shards_path = storage.fs_for(shards_url)
     tar_bytes = sum(fs.size(p) for p in fs.glob(f"{shards_path}/*.tar"))
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        {"ingest": cfg.ingest.model_dump(mode="json"), "source": cfg.source.model_dump(mode="json")},
-        inputs=[{"url": i.url, "rows": i.rows} for i in inputs],
+    return dict(
+        sources=[{"url": i.url, "rows": i.rows} for i in inputs],
         source_manifest=source.manifest,
         counts=dict(sorted(counts.items())),
         messages=dict(messages.most_common(50)),
@@ -168,8 +154,6 @@ def run_ingest(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         timings={"total_s": round(time.time() - started, 2), "download_s": round(download_s, 2)},
         images_per_s=round(new_successes / download_s, 2) if len(before) < expected_shards else None,
     )
-    print(summary(result))
-    return result
 
 
 def summary(m: dict) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from data_prep import storage
+from ldm.io import storage
 
 # (substring of img2dataset's error message, outcome); first match wins, checked in lower case.
 PATTERNS: tuple[tuple[str, str], ...] = (

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import storage
 from data_prep.ingest.url_guard import UrlGuard
-from data_prep.manifest import StageError
 from ldm.config import Columns
+from ldm.io import storage
+from ldm.io.manifest import StageError
 
 
 @dataclass

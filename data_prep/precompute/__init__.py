@@ -8,75 +8,40 @@ as the shard is complete. Parts are named by input shard, so a killed run resume
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from data_prep import manifest, storage
-from data_prep.precompute.encoders import TextEmbedder, VaeLatentEncoder, decode_images, shard_rows
-from data_prep.ray_cluster import ensure_ray
+from data_prep.precompute.encoders import (
+    TextEmbedder,
+    VaeLatentEncoder,
+    decode_images,
+    shard_rows,
+    vae_compute_dtype,
+)
+from ldm.autoencoder.model import load_vae
+from ldm.clip.encoder import load_encoder
 from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.latents import part_bytes
+from ldm.io.manifest import StageError
+from ldm.ray_cluster import ensure_ray
+from ldm.stage import StageRun
 
 STAGE = "precompute"
-SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("latent", pa.binary()),  # fp16 [C, h, w], C-order
-    ("scale_factor", pa.float32()),
-    ("latent_is_sample", pa.bool_()),
-    ("text_emb", pa.binary()),  # fp16 [text_len, D]: no padding beyond the caption's true length
-    ("text_len", pa.int32()),
-    ("caption", pa.string()),
-    ("aesthetic", pa.float32()),
-    ("similarity", pa.float32()),
-])  # fmt: skip
 
 
-def weights_identity(path: str) -> str:
-    """sha256 of a local weights file (size and mtime for files over 1 GB, to keep start-up short)."""
-    p = Path(path)
-    st = p.stat()
-    if st.st_size > 2**30:
-        return f"size{st.st_size}-mtime{int(st.st_mtime)}"
-    return storage.file_sha256(p)
-
-
-def _component_identities(cfg: PipelineConfig, workdir: str) -> tuple[dict, dict]:
-    """(VAE identity, text-encoder identity): a path and a hash of what was loaded from it."""
-    from ldm.autoencoder.model import weights_file
-
-    if cfg.vae.path:
-        vae = {"path": cfg.vae.path, "weights": weights_identity(str(weights_file(Path(cfg.vae.path))))}
-    else:
-        url = storage.join(workdir, "models", "vae")
-        vae = {"path": url, "weights": _upstream_hash(url, "train-vae")}
-    if cfg.clip.arch != "tiny":
-        text = {"arch": cfg.clip.arch, "path": cfg.clip.weights, "weights": weights_identity(str(cfg.clip.weights))}
-    else:
-        url = storage.join(workdir, "models", "clip")
-        text = {"arch": "tiny", "path": url, "weights": _upstream_hash(url, "train-clip")}
+def _component_identities(run: StageRun) -> tuple[dict, dict]:
+    """(VAE identity, text-encoder identity): where each came from and the hash of the stage that made it."""
+    cfg = run.cfg
+    vae = {"path": cfg.vae.path or run.workdir.output("train-vae"), "weights": run.inputs["train-vae"]["config_hash"]}
+    text = {
+        "arch": cfg.clip.arch,
+        "path": cfg.clip.weights if cfg.clip.arch != "tiny" else run.workdir.output("train-clip"),
+        "weights": run.inputs["train-clip"]["config_hash"],
+    }
     return vae, text
-
-
-def _upstream_hash(folder: str, stage: str) -> str:
-    url = storage.join(folder, manifest.MANIFEST)
-    if not storage.exists(url):
-        raise manifest.StageError(f"{url} does not exist: run the {stage} stage first")
-    return storage.read_json(url)["config_hash"]
-
-
-def _part_bytes(rows: list[dict], shape: tuple[int, ...], text_dim: int) -> bytes:
-    """One shard's rows as Parquet bytes, rows in key order, with the shapes in the file's metadata."""
-    rows = sorted(rows, key=lambda r: r["key"])
-    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    meta = {b"latent_shape": ",".join(map(str, shape)).encode(), b"text_dim": str(text_dim).encode()}
-    buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(meta), buf)
-    return buf.getvalue()
 
 
 def _empty_prompt(encoder) -> dict:
@@ -86,34 +51,20 @@ def _empty_prompt(encoder) -> dict:
     return {"shape": list(emb.shape), "dtype": "float16", "data_b64": base64.b64encode(emb.tobytes()).decode()}
 
 
-def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Encode W/filtered/shards into W/latents/parts/<shard>.parquet plus W/latents/manifest.json."""
-    workdir = storage.normalize(cfg.workdir)
-    out, parts_url = storage.join(workdir, "latents"), storage.join(workdir, "latents", "parts")
-    filtered = storage.join(workdir, "filtered", manifest.MANIFEST)
-    if not storage.exists(filtered):
-        raise manifest.StageError(f"{filtered} does not exist: run the filter stage first")
-    fmanifest = storage.read_json(filtered)
-    vae_id, text_id = _component_identities(cfg, workdir)
-    section = {"precompute": cfg.precompute.model_dump(mode="json"), "resolution": cfg.ingest.resolution}
-    chash = manifest.digest({**section, "filtered": fmanifest["config_hash"], "vae": vae_id, "text": text_id})
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        print(f"precompute: {out} is up to date; skipping")
-        return storage.read_json(storage.join(out, manifest.MANIFEST))
-    expected = {s["name"].removesuffix(".tar"): s["samples"] for s in fmanifest["shards"]}
+def precompute(run: StageRun) -> dict:
+    """Encode W/filtered/shards into W/latents/parts/<shard>.parquet; the manifest's fields."""
+    cfg, workdir, parts_url = run.cfg, run.workdir, run.workdir.latent_parts
+    vae_id, text_id = _component_identities(run)
+    expected = {s["name"].removesuffix(".tar"): s["samples"] for s in run.inputs["filter"]["shards"]}
     if not expected:
-        raise manifest.StageError(f"{storage.join(workdir, 'filtered', 'shards')} holds no shards to precompute")
+        raise StageError(f"{workdir.filtered_shards} holds no shards to precompute")
     t0 = time.time()
     resources = ensure_ray(cfg, cfg.precompute.object_store_mb)
-    manifest.begin(out, STAGE, chash)
+    run.begin()
     done = {u.rsplit("/", 1)[1].removesuffix(".parquet") for u in storage.listdir(parts_url, "*.parquet")}
     todo = [n for n in sorted(expected) if n not in done]
     if done:
         print(f"precompute: resuming; {len(done)} of {len(expected)} parts already written")
-
-    from ldm.autoencoder.model import load_vae
-    from ldm.clip.encoder import load_encoder
-
     vae = load_vae(cfg)
     shape = (int(vae.config.latent_channels), *(cfg.ingest.resolution // cfg.vae.downsample,) * 2)
     encoder = load_encoder(cfg)
@@ -121,13 +72,12 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
     scale = float(vae.config.scaling_factor)
     del vae, encoder  # the actors load their own copies
     for name in [n for n in todo if expected[n] == 0]:  # nothing flows through Ray for an empty shard
-        storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), _part_bytes([], shape, text_dim))
+        storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), part_bytes([], shape, text_dim))
     todo = [n for n in todo if expected[n] > 0]
-    written = _run_pipeline(cfg, workdir, todo, expected, parts_url, shape, text_dim, scale, resources)
+    written = _run_pipeline(cfg, workdir.filtered_shards, todo, expected, parts_url, shape, text_dim, scale, resources)
     parts = storage.listdir(parts_url, "*.parquet")
     rows = sum(expected.values())
-    result = manifest.commit(
-        out, STAGE, chash, section,
+    return dict(
         vae=vae_id, text_encoder=text_id, resolution=cfg.ingest.resolution,
         latent_shape=list(shape), latent_dtype="float16", scale_factor=scale, vae_compute_dtype=compute_dtype_name(cfg),
         latent_kind=cfg.precompute.latent, latent_seed=cfg.seed if cfg.precompute.latent == "sample" else None,
@@ -138,17 +88,19 @@ def run_precompute(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         parts_resumed=len(done), timings={"total_s": round(time.time() - t0, 2)}, cluster=_cluster(resources),
         images_per_s=round(written / max(1e-9, time.time() - t0), 2),
     )  # fmt: skip
-    print(
-        f"precompute summary: {rows} rows in {len(parts)} parts ({len(done)} resumed), latents {list(shape)} fp16,"
-        f" text states [len, {text_dim}] fp16, scale factor {scale:.4f}; {result['images_per_s']} images/s"
+
+
+def summary(m: dict) -> str:
+    """One line on a precompute manifest."""
+    return (
+        f"precompute summary: {m['rows']} rows in {len(m['parts'])} parts ({m['parts_resumed']} resumed), "
+        f"latents {m['latent_shape']} fp16, text states [len, {m['text_dim']}] fp16, "
+        f"scale factor {m['scale_factor']:.4f}; {m['images_per_s']} images/s"
     )
-    return result
 
 
 def compute_dtype_name(cfg: PipelineConfig) -> str:
     """The dtype the VAE actors compute in (as judged on the driver's kind of machine)."""
-    from data_prep.precompute.encoders import vae_compute_dtype
-
     return str(vae_compute_dtype(cfg, "cuda" if cfg.compute.use_gpu else "cpu")).removeprefix("torch.")
 
 
@@ -163,7 +115,7 @@ def _cluster(resources: dict) -> dict:
     }
 
 
-def _run_pipeline(cfg, workdir, todo, expected, parts_url, shape, text_dim, scale, resources) -> int:
+def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, scale, resources) -> int:
     """Stream the shards through Ray Data; write each shard's part as soon as all its rows arrived."""
     import ray
 
@@ -181,7 +133,6 @@ def _run_pipeline(cfg, workdir, todo, expected, parts_url, shape, text_dim, scal
         vae_actors, text_actors = pc.actors or cpus, max(1, cpus // 8)
         vae_res, text_res = {"num_cpus": 0.75}, {"num_cpus": 0.25}
     cfg_dict = cfg.model_dump(mode="json")
-    shards_url = storage.join(workdir, "filtered", "shards")
     items = [{"name": n, "url": storage.join(shards_url, f"{n}.tar")} for n in todo]
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -204,9 +155,9 @@ def _run_pipeline(cfg, workdir, todo, expected, parts_url, shape, text_dim, scal
             row["text_len"] = int(row["text_len"])
             pending[str(row["shard"])].append(row)
         for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
-            data = _part_bytes(pending.pop(name), shape, text_dim)
+            data = part_bytes(pending.pop(name), shape, text_dim)
             storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
             written += expected[name]
     if pending:
-        raise manifest.StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
+        raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
     return written

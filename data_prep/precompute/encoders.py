@@ -10,8 +10,13 @@ import zlib
 from typing import Any
 
 import numpy as np
+import torch
 
-from data_prep.shards import decode_rgb, read_shard
+from ldm.autoencoder.model import load_vae
+from ldm.clip.encoder import load_encoder
+from ldm.config import PipelineConfig
+from ldm.devices import use_bf16
+from ldm.io.shards import decode_rgb, read_shard
 
 Batch = dict[str, np.ndarray]
 CPU_CHUNK = 16  # images per VAE forward on a CPU actor
@@ -42,10 +47,6 @@ def decode_images(batch: Batch, resolution: int) -> Batch:
 
 def vae_compute_dtype(cfg, device_type: str):
     """The VAE's compute dtype: fp16 on a GPU and bf16 on an AMX CPU when precompute.half, else fp32."""
-    import torch
-
-    from ldm.devices import use_bf16
-
     if not cfg.precompute.half:
         return torch.float32
     if device_type == "cuda":
@@ -54,8 +55,6 @@ def vae_compute_dtype(cfg, device_type: str):
 
 
 def _threads(use_gpu: bool) -> None:
-    import torch
-
     if not use_gpu:
         torch.set_num_threads(1)  # one core per actor: Ray runs as many actors as cores allow
 
@@ -64,11 +63,6 @@ class VaeLatentEncoder:
     """Encodes pixels to VAE latents (posterior mean, or a sample seeded per key); fp16 bytes per row."""
 
     def __init__(self, cfg_dict: dict[str, Any], latent: str, seed: int):
-        import torch
-
-        from ldm.autoencoder.model import load_vae
-        from ldm.config import PipelineConfig
-
         cfg = PipelineConfig.model_validate(cfg_dict)
         _threads(cfg.compute.use_gpu)
         self.device = torch.device("cuda" if cfg.compute.use_gpu and torch.cuda.is_available() else "cpu")
@@ -85,8 +79,6 @@ class VaeLatentEncoder:
 
     def __call__(self, batch: Batch) -> Batch:
         """Add `latent` (fp16 bytes, [C,h,w] per row); drop the pixels."""
-        import torch
-
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2)
         x = (x.to(self.device, self.io_dtype) / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
@@ -111,11 +103,6 @@ class TextEmbedder:
     """Encodes captions to per-token CLIP states, trimmed to each caption's true length; fp16 bytes per row."""
 
     def __init__(self, cfg_dict: dict[str, Any]):
-        import torch
-
-        from ldm.clip.encoder import load_encoder
-        from ldm.config import PipelineConfig
-
         cfg = PipelineConfig.model_validate(cfg_dict)
         _threads(cfg.compute.use_gpu)
         self.encoder = load_encoder(cfg)

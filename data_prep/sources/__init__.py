@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import storage
-from data_prep.sources.synthetic import describe
 from ldm.config import ParquetSource, PipelineConfig, SyntheticSource
+from ldm.io import storage
+from ldm.synthetic import describe
 
 # What each deliberately broken row must end as in the ingest summary.
 EXPECTED_OUTCOME = {
@@ -179,35 +179,19 @@ def serve_synthetic(cfg: SyntheticSource, slow_s: float) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def open_source(cfg: PipelineConfig, workdir: str) -> Iterator[Source]:
-    """Make the profile's source available for ingest; the synthetic one is served while in use."""
+def open_source(cfg: PipelineConfig, folder: str) -> Iterator[Source]:
+    """Make the profile's source available for ingest; the synthetic one is served while in use and its
+    URL list written to `folder`."""
     if isinstance(cfg.source, ParquetSource):
         yield Source(paths=list(cfg.source.paths))
         return
     slow_s = cfg.ingest.timeout_s + 2.0
     with serve_synthetic(cfg.source, slow_s) as base:
         table, manifest = synthetic_rows(cfg.source, base, _closed_port())
-        out = storage.join(workdir, "source")
+        out = folder
         fs, path = storage.fs_for(out)
         fs.makedirs(path, exist_ok=True)
         with fs.open(f"{path}/urls.parquet", "wb") as f:
             pq.write_table(table, f)
         storage.write_json_atomic(storage.join(out, "manifest.json"), manifest)
         yield Source(paths=[storage.join(out, "urls.parquet")], manifest=manifest)
-
-
-HELDOUT_START = 10_000_000  # held-out indices: far beyond any source, so never seen in training
-
-
-def heldout_set(cfg: SyntheticSource, n: int, resolution: int):
-    """n fresh synthetic samples the pipeline never downloaded, rendered and resized like ingest does.
-
-    The embedded default's component reports (retrieval, Spearman, PSNR) are measured on these.
-    """
-    from data_prep.shards import ImageSet, decode_rgb
-    from data_prep.sources.synthetic import render
-
-    specs = [describe(cfg.seed, HELDOUT_START + i, cfg.image_size) for i in range(n)]
-    images = np.stack([decode_rgb(render(s, cfg.seed), resolution) for s in specs])
-    meta = [{"rating": s.rating, "WIDTH": s.width, "HEIGHT": s.height} for s in specs]
-    return ImageSet(images, [s.caption for s in specs], meta, [f"heldout-{s.index}" for s in specs])

@@ -16,7 +16,7 @@ import zlib
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from data_prep.sources.synthetic import render_index
+from ldm.synthetic import render_index
 
 ROUTE = re.compile(r"^/(img|slow|truncated|missing|html|empty|bomb)/(\d+)\.(jpg|png|html)$")
 

@@ -7,8 +7,8 @@ import io
 import torch
 from torch import nn
 
-from data_prep import storage
-from data_prep.manifest import StageError
+from ldm.io import storage
+from ldm.io.manifest import StageError
 
 
 class AestheticMLP(nn.Module):

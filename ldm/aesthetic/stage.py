@@ -8,30 +8,20 @@ import time
 import numpy as np
 import torch
 
-from data_prep import manifest, storage
-from data_prep.shards import load_image_set
-from data_prep.sources import heldout_set
 from ldm.aesthetic.model import AestheticMLP, load_aesthetic
 from ldm.aesthetic.train import predict, spearman, train_aesthetic
+from ldm.clip.encoder import load_encoder
 from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.manifest import StageError
+from ldm.io.shards import load_image_set
+from ldm.stage import StageRun, Workdir
+from ldm.synthetic import heldout_set
+from ldm.tracking import mlflow_run
 
 STAGE = "train-aesthetic"
 WEIGHTS = "aesthetic_mlp.pth"  # the same state-dict layout as LAION's sac+logos+ava1-l14-linearMSE.pth
 HELDOUT = 500
-
-
-def _upstream(cfg: PipelineConfig, workdir: str) -> dict:
-    """Hashes of what this stage is made from; refuses to run before its inputs exist."""
-    raw = storage.join(workdir, "raw", manifest.MANIFEST)
-    if not cfg.aesthetic.weights and not storage.exists(raw):
-        raise manifest.StageError(f"{raw} does not exist: run the ingest stage first")
-    clip = storage.join(workdir, "models", "clip", manifest.MANIFEST)
-    if cfg.clip.arch == "tiny" and not storage.exists(clip):
-        raise manifest.StageError(f"{clip} does not exist: run the train-clip stage first")
-    return {
-        "raw": storage.read_json(raw)["config_hash"] if not cfg.aesthetic.weights else None,
-        "clip": storage.read_json(clip)["config_hash"] if cfg.clip.arch == "tiny" else cfg.clip.weights,
-    }
 
 
 def scatter_png(pred: np.ndarray, true: np.ndarray, rho: float) -> bytes:
@@ -54,36 +44,27 @@ def scatter_png(pred: np.ndarray, true: np.ndarray, rho: float) -> bytes:
     return buf.getvalue()
 
 
-def run_train_aesthetic(cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Train the MLP on raw samples' ratings (or load prod weights); write W/models/aesthetic/."""
-    from ldm.clip.encoder import load_encoder
-    from ldm.tracking import mlflow_run
-
-    workdir = storage.normalize(cfg.workdir)
-    out = storage.join(workdir, "models", "aesthetic")
-    section = {"aesthetic": cfg.aesthetic.model_dump(mode="json"), "resolution": cfg.ingest.resolution}
-    chash = manifest.digest({**section, "upstream": _upstream(cfg, workdir)})
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        done = storage.read_json(storage.join(out, manifest.MANIFEST))
-        print(f"train-aesthetic: {out} is up to date; skipping")
-        return done
+def train_aesthetic_stage(run: StageRun) -> dict:
+    """Train the MLP on raw samples' ratings (or load prod weights) into W/models/aesthetic/; the manifest's fields."""
+    cfg, out = run.cfg, run.out
     t0 = time.time()
     encoder = load_encoder(cfg)
     counts: dict[str, int] = {}
     if cfg.aesthetic.weights:
         model = load_aesthetic(cfg.aesthetic.weights, encoder.embed_dim)
-        manifest.begin(out, STAGE, chash)
+        run.begin()
     else:
-        data = load_image_set(storage.join(workdir, "raw", "shards"), cfg.ingest.resolution)
+        data = load_image_set(run.workdir.raw_shards, cfg.ingest.resolution)
         rated = [i for i, m in enumerate(data.meta) if m.get("rating") is not None]
         if not rated:
-            raise manifest.StageError(
-                f"no sample in {workdir}/raw has a 'rating' to train on; set aesthetic.weights to a trained MLP"
+            raise StageError(
+                f"no sample in {run.workdir.output('ingest')} has a 'rating' to train on; "
+                "set aesthetic.weights to a trained MLP"
             )
         counts = {"samples": len(rated), "skipped_shards": len(data.skipped)}
         embeddings = encoder.encode_images(data.images[rated])
         ratings = torch.tensor([data.meta[i]["rating"] for i in rated], dtype=torch.float32)
-        manifest.begin(out, STAGE, chash)
+        run.begin()
         model = train_aesthetic(embeddings, ratings, cfg.aesthetic, cfg.seed)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -99,22 +80,16 @@ def run_train_aesthetic(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         metrics["spearman_untrained"] = spearman(predict(AestheticMLP(encoder.embed_dim), emb), true)
         metrics["mse"] = float(np.mean((pred - true) ** 2))
         storage.write_bytes_atomic(storage.join(out, "scores.png"), scatter_png(pred, true, metrics["spearman"]))
-    with mlflow_run(cfg, STAGE, section) as mlf:
+    with mlflow_run(cfg, STAGE, run.config) as mlf:
         mlf.log_metrics(metrics)
         if "spearman" in metrics:
             mlf.log_image(_png_array(storage.join(out, "scores.png")), "scores.png")
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        section,
+    return dict(
         weights=cfg.aesthetic.weights or storage.join(out, WEIGHTS),
         input_size=encoder.embed_dim,
         counts=counts,
         metrics=metrics,
     )
-    print(summary(result))
-    return result
 
 
 def _png_array(url: str) -> np.ndarray:
@@ -141,7 +116,8 @@ def load_scorer(cfg: PipelineConfig, input_size: int) -> AestheticMLP:
     """The aesthetic MLP later stages use: prod weights by path, else the one train-aesthetic wrote."""
     if cfg.aesthetic.weights:
         return load_aesthetic(cfg.aesthetic.weights, input_size)
-    url = storage.join(storage.normalize(cfg.workdir), "models", "aesthetic", WEIGHTS)
+    folder = Workdir.of(cfg).output(STAGE)
+    url = storage.join(folder, WEIGHTS)
     if not storage.exists(url):
-        raise manifest.StageError(f"{url} does not exist: run the train-aesthetic stage first")
+        raise StageError(f"{url} does not exist: run the train-aesthetic stage first")
     return load_aesthetic(url, input_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.manifest import StageError
+from ldm.io.manifest import StageError
 
 VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG_CHANNELS = (64, 128, 256, 512, 512)

@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.utils import logging as diffusers_logging
 
-from data_prep import storage
-from data_prep.manifest import MANIFEST, StageError
 from ldm.config import PipelineConfig, VaeConfig
+from ldm.io import storage
+from ldm.io.manifest import MANIFEST, StageError
+from ldm.stage import Workdir, check_made_by
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MAX_GROUPS = 32  # SD's GroupNorm group count
@@ -60,7 +61,7 @@ def build_vae(vae_cfg: VaeConfig, resolution: int, seed: int | None = None) -> A
 
 def vae_dir(cfg: PipelineConfig) -> str:
     """URL of the VAE that train-vae writes: W/models/vae."""
-    return storage.join(storage.normalize(cfg.workdir), "models", "vae")
+    return Workdir.of(cfg).output("train-vae")
 
 
 def local_path(path: str) -> Path:
@@ -148,8 +149,6 @@ def load_vae(cfg: PipelineConfig) -> AutoencoderKL:
     manifest_url = storage.join(url, MANIFEST)
     if not storage.exists(manifest_url):
         raise StageError(f"no trained VAE at {url} (no {MANIFEST}); run train-vae first")
-    trained_with = storage.read_json(manifest_url).get("config", {}).get("vae")
-    if trained_with != cfg.vae.model_dump(mode="json"):
-        raise StageError(f"the VAE at {url} was trained with another vae config; rerun train-vae")
+    check_made_by(storage.read_json(manifest_url), cfg, url, "train-vae")
     with local_copy(url) as folder:
         return load_vae_folder(folder, label=url)

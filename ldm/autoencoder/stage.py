@@ -8,10 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import manifest, storage
-from data_prep.shards import load_image_set
-from data_prep.sources import heldout_set
-from ldm.autoencoder.model import build_vae, load_vae_folder, local_path, vae_dir, weights_file
+from ldm.autoencoder.model import build_vae, load_vae_folder, local_path, weights_file
 from ldm.autoencoder.train import (
     latent_scale_factor,
     loss_name,
@@ -20,7 +17,11 @@ from ldm.autoencoder.train import (
     reconstruction_grid,
     train_vae,
 )
-from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.manifest import StageError
+from ldm.io.shards import load_image_set
+from ldm.stage import StageRun
+from ldm.synthetic import heldout_set
 from ldm.tracking import mlflow_run
 
 STAGE = "train-vae"
@@ -29,64 +30,25 @@ GOOD_RATING = 5.0  # the filter's default aesthetic_min: PSNR on images that wou
 HISTORY_POINTS = 200  # loss curve points sent to MLflow
 
 
-def filtered_hash(cfg: PipelineConfig) -> str:
-    """config_hash of the filter stage's manifest, or StageError telling the user to run filter first."""
-    url = storage.join(storage.normalize(cfg.workdir), "filtered", manifest.MANIFEST)
-    if not storage.exists(url):
-        raise manifest.StageError(f"run filter first: {url} does not exist")
-    found = storage.read_json(url).get("config_hash")
-    if not found:
-        raise manifest.StageError(f"{url} has no config_hash; rerun filter")
-    return found
-
-
-def config_hash(cfg: PipelineConfig, input_hash: str) -> str:
-    """Identity of the VAE output: the vae section, resolution, seed, and its input (filtered data or weights)."""
-    return manifest.digest(
-        {
-            "vae": cfg.vae.model_dump(mode="json"),
-            "resolution": cfg.ingest.resolution,
-            "seed": cfg.seed,
-            "input": input_hash,
-        }
-    )
-
-
-def _skip(out: str) -> dict:
-    done = storage.read_json(storage.join(out, manifest.MANIFEST))
-    print(f"train-vae: {out} is up to date; skipping")
-    return done
-
-
-def _run_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
+def _run_pretrained(run: StageRun) -> dict:
     """Prod: nothing to train. Verify the folder loads and record its path and weights hash."""
+    cfg = run.cfg
     folder = local_path(cfg.vae.path or "")
-    if not folder.is_dir():
-        raise manifest.StageError(f"VAE folder {folder} does not exist")
-    wfile = weights_file(folder)
-    sha = storage.file_sha256(wfile)
-    chash = config_hash(cfg, sha)  # new weights at the same path are a new VAE for every later stage
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        return _skip(out)
     vae = load_vae_folder(folder)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
     if downsample != cfg.vae.downsample:
-        raise manifest.StageError(
+        raise StageError(
             f"VAE at {folder} downsamples by {downsample}, config says vae.downsample={cfg.vae.downsample}"
         )
-    manifest.begin(out, STAGE, chash)
+    run.begin()
+    wfile = weights_file(folder)
     latent = cfg.ingest.resolution // downsample
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        {"vae": cfg.vae.model_dump(mode="json"), "resolution": cfg.ingest.resolution, "seed": cfg.seed},
-        pretrained={"path": str(folder), "weights_file": wfile.name, "sha256": sha},
+    print(f"train-vae: using the pretrained VAE at {folder}; nothing to train")
+    return dict(
+        pretrained={"path": str(folder), "weights_file": wfile.name, "sha256": storage.file_sha256(wfile)},
         scale_factor=float(vae.config.scaling_factor),
         latent_shape=[int(vae.config.latent_channels), latent, latent],
     )
-    print(f"train-vae: using the pretrained VAE at {folder} (scale factor {result['scale_factor']}); nothing to train")
-    return result
 
 
 def _log_history(mlflow, history: dict[str, list[float]]) -> None:
@@ -111,19 +73,16 @@ def _upload_folder(local: Path, url: str) -> list[str]:
     return names
 
 
-def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
+def _run_train(run: StageRun) -> dict:
     """Embedded default: train on W/filtered/shards, evaluate on held-out images, save in diffusers layout."""
-    input_hash = filtered_hash(cfg)
-    chash = config_hash(cfg, input_hash)
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        return _skip(out)
+    cfg, out = run.cfg, run.out
     started = time.time()
     res, vcfg = cfg.ingest.resolution, cfg.vae
-    shards_url = storage.join(storage.normalize(cfg.workdir), "filtered", "shards")
+    shards_url = run.workdir.filtered_shards
     data = load_image_set(shards_url, res)  # unreadable shards: warned, skipped, counted below
     if len(data) == 0:
-        raise manifest.StageError(f"no readable samples in {shards_url} ({len(data.skipped)} shards skipped)")
-    manifest.begin(out, STAGE, chash)
+        raise StageError(f"no readable samples in {shards_url} ({len(data.skipped)} shards skipped)")
+    run.begin()
     heldout = heldout_set(cfg.source, HELDOUT_N, res) if cfg.source.kind == "synthetic" else None
     eval_images = heldout.images if heldout is not None else data.images[:HELDOUT_N]
     good = np.array([(m.get("rating") or 0) >= GOOD_RATING for m in heldout.meta]) if heldout is not None else None
@@ -169,12 +128,7 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
             mlflow.log_artifact(str(grid))
         run_id = mlflow.active_run().info.run_id
     f = vcfg.downsample
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        {"vae": vcfg.model_dump(mode="json"), "resolution": res, "seed": cfg.seed},
-        input_config_hash=input_hash,
+    return dict(
         loss={
             "name": loss,
             "kl_weight": vcfg.kl_weight,
@@ -195,8 +149,6 @@ def _run_train(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
         mlflow_run_id=run_id,
         timings={"train_s": round(train_s, 2), "total_s": round(time.time() - started, 2)},
     )
-    print(summary(result, out))
-    return result
 
 
 def lpips_note(vcfg) -> str:
@@ -206,22 +158,21 @@ def lpips_note(vcfg) -> str:
     return "LPIPS not used: vae.lpips_vgg / vae.lpips_lin name no local weights, and nothing is downloaded"
 
 
-def summary(m: dict, out: str) -> str:
+def summary(m: dict) -> str:
     """A short human summary of a train-vae manifest."""
+    if "pretrained" in m:
+        return f"train-vae: pretrained VAE {m['pretrained']['path']} (scale factor {m['scale_factor']})"
     mt = m["metrics"]
     lines = [
         f"train-vae: {m['train_images']} images, {m['config']['vae']['steps']} steps in {mt['train_seconds']:.0f} s, "
         f"loss {m['loss']['name']}, {m['skipped_shards']} shards skipped",
         f"  PSNR ({m['eval']['set']}): {mt['psnr_untrained']:.2f} dB untrained -> {mt['psnr']:.2f} dB trained"
         + (f"; rating>={GOOD_RATING:g}: {mt['psnr_rating_ge5']:.2f} dB" if "psnr_rating_ge5" in mt else ""),
-        f"  latents {m['latent_shape']}, scale factor {mt['scale_factor']:.4f}; wrote {out}",
+        f"  latents {m['latent_shape']}, scale factor {mt['scale_factor']:.4f}",
     ]
     return "\n".join(lines)
 
 
-def run_train_vae(cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Make W/models/vae/ (trained, or a record of cfg.vae.path in prod); skip if up to date. Returns the manifest."""
-    out = vae_dir(cfg)
-    if cfg.vae.path:
-        return _run_pretrained(cfg, out, overwrite)
-    return _run_train(cfg, out, overwrite)
+def train_vae_stage(run: StageRun) -> dict:
+    """Make W/models/vae/ (trained, or a record of cfg.vae.path in prod); the manifest's fields."""
+    return _run_pretrained(run) if run.cfg.vae.path else _run_train(run)

@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import storage
 from ldm.autoencoder.lpips import LPIPS
 from ldm.autoencoder.model import build_vae
 from ldm.config import VaeConfig
+from ldm.io import storage
 
 WARMUP_FRACTION = 0.03  # of the steps; Adam at lr 1e-3 on a fresh net is unstable for the first few dozen
 MIN_LR_FRACTION = 0.05  # cosine decay floor; most of the final PSNR comes from the low-lr tail

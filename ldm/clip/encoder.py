@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from data_prep import storage
-from data_prep.manifest import MANIFEST, StageError
 from ldm.clip.model import build_tokenizer, load_pretrained, load_saved
 from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.manifest import MANIFEST, StageError
+from ldm.stage import Workdir, check_made_by
 
 
 def to_model_input(
@@ -132,7 +133,7 @@ class ClipEncoder:
 
 def clip_url(cfg: PipelineConfig) -> str:
     """Where train-clip writes the tiny model: W/models/clip."""
-    return storage.join(storage.normalize(cfg.workdir), "models", "clip")
+    return Workdir.of(cfg).output("train-clip")
 
 
 def load_encoder(cfg: PipelineConfig) -> ClipEncoder:
@@ -141,17 +142,10 @@ def load_encoder(cfg: PipelineConfig) -> ClipEncoder:
         if not cfg.clip.weights:
             raise StageError(f"clip.arch is {cfg.clip.arch!r} but clip.weights is not set (a local checkpoint file)")
         return ClipEncoder(load_pretrained(cfg.clip.arch, cfg.clip.weights))
-    from ldm.clip.stage import config_hash, raw_manifest  # the stage imports this module
-
     folder = clip_url(cfg)
     url = storage.join(folder, MANIFEST)
     if not storage.exists(url):
         raise StageError(f"no trained CLIP in {folder} (no {MANIFEST}); run the train-clip stage first")
-    # A model trained from another config (or other raw data) would silently skew every later stage.
-    found, expected = storage.read_json(url).get("config_hash"), config_hash(cfg, raw_manifest(cfg)["config_hash"])
-    if found != expected:
-        raise StageError(
-            f"{folder} holds a CLIP from a different config ({found}, this config: {expected}); "
-            "rerun the train-clip stage"
-        )
+    # A model trained from another config would silently skew every later stage.
+    check_made_by(storage.read_json(url), cfg, folder, "train-clip")
     return ClipEncoder(load_saved(folder))

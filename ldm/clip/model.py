@@ -11,9 +11,9 @@ from typing import Any
 import open_clip
 from open_clip.model import CLIP, set_model_preprocess_cfg
 
-from data_prep import storage
-from data_prep.manifest import StageError
 from ldm.config import ClipConfig
+from ldm.io import storage
+from ldm.io.manifest import StageError
 
 CONFIG_FILE = "open_clip_config.json"  # the names open_clip's hub / local-dir layout uses
 WEIGHTS_FILE = "open_clip_model.safetensors"

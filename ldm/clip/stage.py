@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import manifest, storage
-from data_prep.shards import ImageSet, load_image_set
-from data_prep.sources import heldout_set
-from ldm.clip.encoder import ClipEncoder, clip_url
+from ldm.clip.encoder import ClipEncoder
 from ldm.clip.model import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, save_model, tiny_model_config
 from ldm.clip.train import init_model, retrieval_predictions, train_clip
-from ldm.config import PipelineConfig
+from ldm.io import storage
+from ldm.io.manifest import StageError
+from ldm.io.shards import ImageSet, load_image_set
+from ldm.stage import StageRun
+from ldm.synthetic import heldout_set
 from ldm.tracking import mlflow_run
 
 STAGE = "train-clip"
@@ -24,59 +25,25 @@ FIGURE = "retrieval.png"
 FIGURE_SAMPLES = 8
 
 
-def raw_manifest(cfg: PipelineConfig) -> dict:
-    """The ingest manifest the tiny CLIP trains from; StageError if ingest has not finished."""
-    raw = storage.join(storage.normalize(cfg.workdir), "raw")
-    url = storage.join(raw, manifest.MANIFEST)
-    if not storage.exists(url):
-        raise manifest.StageError(f"no finished ingest in {raw} ({manifest.MANIFEST} missing); run ingest first")
-    return storage.read_json(url)
-
-
-def config_hash(cfg: PipelineConfig, raw_hash: str) -> str:
-    """Identity of the tiny model: its section, the image resolution, the seed, and the raw data it saw."""
-    return manifest.digest(
-        {
-            "clip": cfg.clip.model_dump(mode="json"),
-            "resolution": cfg.ingest.resolution,
-            "seed": cfg.seed,
-            "raw": raw_hash,
-        }
-    )
-
-
-def _register_pretrained(cfg: PipelineConfig, out: str, overwrite: bool) -> dict:
+def _register_pretrained(run: StageRun) -> dict:
     """Prod: nothing to train; check that the weights load and record exactly which file they were."""
-    arch, weights = cfg.clip.arch, cfg.clip.weights
+    arch, weights = run.cfg.clip.arch, run.cfg.clip.weights
     if not weights:
-        raise manifest.StageError(f"clip.arch is {arch!r} but clip.weights is not set (a local checkpoint file)")
-    path = Path(weights.removeprefix("file://")).expanduser()
-    if not path.is_file():
-        raise manifest.StageError(f"CLIP weights not found: {weights} (clip.weights for arch {arch})")
-    # The content hash, not the path, is the identity: replaced weights at the same path are new output.
-    sha = storage.file_sha256(path)
-    chash = manifest.digest({"arch": arch, "weights": str(path.resolve()), "sha256": sha})
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        print(f"{STAGE}: {out} is up to date ({arch} from {weights}); skipping")
-        return storage.read_json(storage.join(out, manifest.MANIFEST))
-    manifest.begin(out, STAGE, chash)
-    enc = ClipEncoder(load_pretrained(arch, weights))
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        {"clip": {"arch": arch, "weights": weights}},
+        raise StageError(f"clip.arch is {arch!r} but clip.weights is not set (a local checkpoint file)")
+    path = Path(str(weights).removeprefix("file://")).expanduser()
+    run.begin()
+    enc = ClipEncoder(load_pretrained(arch, str(weights)))
+    print(f"{STAGE}: {arch} weights {weights} load; nothing to train")
+    return dict(
         arch=arch,
         weights=str(path.resolve()),
-        weights_sha256=sha,
+        weights_sha256=storage.file_sha256(path),
         weights_bytes=path.stat().st_size,
         embed_dim=enc.embed_dim,
         token_width=enc.token_width,
         context_length=enc.context_length,
         image_size=enc.image_size,
     )
-    print(f"{STAGE}: {arch} weights {weights} load (sha256 {sha[:12]}); nothing to train")
-    return result
 
 
 def retrieval_figure(heldout: ImageSet, picks: np.ndarray, n: int = FIGURE_SAMPLES) -> bytes:
@@ -112,31 +79,19 @@ def _top1(encoder: ClipEncoder, heldout: ImageSet) -> tuple[float, np.ndarray]:
     return float(np.mean(hits)), picks
 
 
-def run_train_clip(cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Train the tiny CLIP on W/raw/ (or register prod weights); skip if up to date. Returns the manifest."""
-    out = clip_url(cfg)
+def train_clip_stage(run: StageRun) -> dict:
+    """Train the tiny CLIP on W/raw/ (or register prod weights by path); the manifest's fields."""
+    cfg, out = run.cfg, run.out
     if cfg.clip.arch != "tiny":
-        return _register_pretrained(cfg, out, overwrite)
-    raw = raw_manifest(cfg)
-    chash = config_hash(cfg, raw["config_hash"])
-    if manifest.check_output(out, chash, overwrite) is manifest.OutputState.DONE:
-        done = storage.read_json(storage.join(out, manifest.MANIFEST))
-        print(f"{STAGE}: {out} is up to date (held-out top-1 {done.get('retrieval_top1')}); skipping")
-        return done
-    manifest.begin(out, STAGE, chash)
+        return _register_pretrained(run)
+    run.begin()
     res = cfg.ingest.resolution
-    data = load_image_set(storage.join(storage.normalize(cfg.workdir), "raw", "shards"), res)
+    data = load_image_set(run.workdir.raw_shards, res)
     if len(data) < 2:
-        raise manifest.StageError(f"only {len(data)} readable samples in the raw shards; nothing to train CLIP on")
+        raise StageError(f"only {len(data)} readable samples in the raw shards; nothing to train CLIP on")
     # Held-out samples exist only for the synthetic world; a real URL list gets no retrieval report.
     heldout = heldout_set(cfg.source, cfg.clip.eval_samples, res) if cfg.source.kind == "synthetic" else None
-    params = {
-        "clip": cfg.clip.model_dump(mode="json"),
-        "resolution": res,
-        "seed": cfg.seed,
-        "train_samples": len(data),
-        "raw_config_hash": raw["config_hash"],
-    }
+    params = {**run.config, "train_samples": len(data), "raw_config_hash": run.inputs["ingest"]["config_hash"]}
     metrics: dict[str, float] = {}
     losses: list[float] = []
     with mlflow_run(cfg, STAGE, params) as mlflow:
@@ -161,12 +116,7 @@ def run_train_clip(cfg: PipelineConfig, overwrite: bool = False) -> dict:
             mlflow.log_image(_png_image(png), FIGURE)
             files.append(FIGURE)
         mlflow.log_metrics(metrics)
-    result = manifest.commit(
-        out,
-        STAGE,
-        chash,
-        {"clip": cfg.clip.model_dump(mode="json"), "resolution": res, "seed": cfg.seed},
-        raw_config_hash=raw["config_hash"],
+    return dict(
         arch="tiny",
         files=files,
         train_samples=len(data),
@@ -177,8 +127,6 @@ def run_train_clip(cfg: PipelineConfig, overwrite: bool = False) -> dict:
         mlflow_run_id=run_id,
         **metrics,
     )
-    print(summary(result))
-    return result
 
 
 def _png_image(png: bytes):
@@ -190,8 +138,10 @@ def _png_image(png: bytes):
 
 def summary(m: dict) -> str:
     """A human summary of a train-clip manifest."""
+    if m["arch"] != "tiny":
+        return f"{STAGE}: {m['arch']} weights {m['weights']} (sha256 {m['weights_sha256'][:12]})"
     lines = [
-        f"{STAGE} summary: tiny CLIP on {m['train_samples']} samples at {m['config']['resolution']} px, "
+        f"{STAGE} summary: tiny CLIP on {m['train_samples']} samples at {m['config']['ingest.resolution']} px, "
         f"{m['config']['clip']['epochs']} epochs in {m['train_seconds']:.0f} s (final loss {m['final_loss']:.3f})"
     ]
     if m.get("retrieval_top1") is not None:

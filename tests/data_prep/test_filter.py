@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import storage
-from data_prep.filter import drop_reason, run_filter
-from data_prep.shards import iter_samples
+from data_prep.filter import drop_reason
+from flows.registry import run as run_stage
 from ldm.config import FilterConfig
+from ldm.io import storage
+from ldm.io.shards import iter_samples
 from tests.helpers import make_config
 
 
@@ -41,7 +42,7 @@ def test_aesthetic_training_beats_its_untrained_self(components):
 
 def test_a_finished_filter_is_skipped(components, capsys):
     cfg, m = components
-    assert run_filter(cfg) == m["filter"]
+    assert run_stage("filter", cfg) == m["filter"]
     assert "up to date" in capsys.readouterr().out
 
 
@@ -75,7 +76,7 @@ def test_a_corrupt_shard_is_skipped_and_counted(components, tmp_path):
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])  # truncated mid-member
     with pytest.warns(UserWarning, match=shards[1].name):
-        manifest = run_filter(make_config(workdir))
+        manifest = run_stage("filter", make_config(workdir))
     report = storage.read_json(str(workdir / "filtered" / "filter_report.json"))
     assert manifest["skipped_shards"] == 1 and shards[1].name in report["skipped_shards"][0]
     names = {p.name for p in (workdir / "filtered" / "shards").glob("*.tar")}
@@ -97,11 +98,11 @@ def test_a_crashed_filter_redoes_only_unfinished_shards(components, tmp_path, mo
 
     monkeypatch.setattr(stage, "filter_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        run_filter(make_config(workdir))
+        run_stage("filter", make_config(workdir))
     assert not (workdir / "filtered" / "manifest.json").exists()
     calls.clear()
     monkeypatch.setattr(stage, "filter_shard", lambda url, *a: calls.append(url) or real(url, *a))
-    resumed = run_filter(make_config(workdir))
+    resumed = run_stage("filter", make_config(workdir))
     total = len(list((workdir / "raw" / "shards").glob("*.tar")))
     assert len(calls) == total - 2  # the two finished shards were not scored again
     assert resumed["counts"] == components[1]["filter"]["counts"]  # same result as an uninterrupted run

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep import storage
-from data_prep.ingest import run_ingest
 from data_prep.ingest.outcomes import classify
-from data_prep.manifest import StageError
+from flows.registry import run as run_stage
+from ldm.io import storage
+from ldm.io.manifest import StageError
 from tests.helpers import make_config, raw_samples, source_rows
 
 
@@ -38,7 +38,7 @@ def test_shards_hold_exactly_the_good_rows_with_their_captions_and_ratings(inges
     assert len({s["key"] for s in samples}) == len(samples)
     paths = [urlsplit(s["json"]["url"]).path for s in samples]
     assert len(set(paths)) == len(paths)  # the duplicate URL was fetched once
-    from data_prep.sources.synthetic import describe
+    from ldm.synthetic import describe
 
     for s, path in zip(samples, paths, strict=True):
         row = rows[path]
@@ -65,7 +65,7 @@ def test_manifest_and_per_shard_stats(ingested):
 
 def test_a_finished_stage_is_skipped(ingested, capsys):
     cfg, manifest = ingested
-    assert run_ingest(cfg) == manifest
+    assert run_stage("ingest", cfg) == manifest
     assert "up to date" in capsys.readouterr().out
 
 
@@ -75,15 +75,15 @@ def test_output_from_another_config_is_refused_and_left_untouched(ingested):
     before = {p: p.stat().st_mtime_ns for p in raw.rglob("*")}
     other = make_config(cfg.workdir, "ingest.resolution=16")
     with pytest.raises(StageError, match="different config .* --overwrite"):
-        run_ingest(other)
+        run_stage("ingest", other)
     assert {p: p.stat().st_mtime_ns for p in raw.rglob("*")} == before
 
 
 def test_overwrite_replaces_output_from_another_config(tmp_path):
     cfg = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50")
-    run_ingest(cfg)
+    run_stage("ingest", cfg)
     other = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50", "ingest.resolution=16")
-    manifest = run_ingest(other, overwrite=True)
+    manifest = run_stage("ingest", other, overwrite=True)
     assert manifest["counts"]["success"] == 20
     assert {Image.open(io.BytesIO(s["jpg"])).size for s in raw_samples(str(tmp_path))} == {(16, 16)}
 
@@ -105,7 +105,7 @@ def test_bad_url_list_is_refused_before_anything_is_written(tmp_path, columns, m
     src = _parquet(tmp_path / "list.parquet", **columns)
     cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{src}]")
     with pytest.raises(StageError, match=message) as e:
-        run_ingest(cfg)
+        run_stage("ingest", cfg)
     assert "list.parquet" in str(e.value) or "empty" in str(e.value)
     assert not (tmp_path / "w").exists()
 
@@ -113,7 +113,7 @@ def test_bad_url_list_is_refused_before_anything_is_written(tmp_path, columns, m
 def test_a_missing_input_file_is_named(tmp_path):
     cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{tmp_path}/nope.parquet]")
     with pytest.raises(StageError, match="nope.parquet does not exist"):
-        run_ingest(cfg)
+        run_stage("ingest", cfg)
     assert not (tmp_path / "w").exists()
 
 
@@ -138,7 +138,7 @@ def test_real_laion_columns_are_mapped_and_carried_through(tmp_path, ingested):
             "ingest.columns.url=link",
             "ingest.columns.caption=caption_text",
         )
-        manifest = run_ingest(cfg)
+        manifest = run_stage("ingest", cfg)
     assert manifest["counts"] == {"success": 3}
     by_caption = {s["txt"]: s["json"] for s in raw_samples(str(tmp_path / "w"))}
     assert by_caption["two"]["similarity"] == 0.29 and by_caption["two"]["pwatermark"] == 0.9
@@ -151,7 +151,7 @@ def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
     cmd = [
         sys.executable,
         "-m",
-        "ldm.cli",
+        "flows.cli",
         "stage",
         "ingest",
         "--profile",
@@ -173,7 +173,7 @@ def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
     assert not (tmp_path / "raw" / "manifest.json").exists()
 
     cfg = make_config(tmp_path, *overrides[1::2])
-    manifest = run_ingest(cfg)
+    manifest = run_stage("ingest", cfg)
     assert manifest["shards_resumed"] == len(done_before) < len(manifest["shards"])
     for name, mtime in done_before.items():  # finished shards were not redone
         assert (shards / name).stat().st_mtime_ns == mtime
@@ -186,12 +186,12 @@ def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
 def test_ingest_writes_to_s3(s3_bucket):
     workdir = f"{s3_bucket}/w"
     cfg = make_config(workdir, "source.num_samples=30", "source.broken.slow_response=0")
-    manifest = run_ingest(cfg)
+    manifest = run_stage("ingest", cfg)
     assert manifest["counts"]["success"] == 30
     assert storage.read_json(f"{workdir}/raw/manifest.json")["counts"] == manifest["counts"]
     samples = raw_samples(workdir)
     assert len(samples) == 30 and all(s["txt"] for s in samples)
-    assert run_ingest(cfg)["finished"] == manifest["finished"]  # up to date on s3 too
+    assert run_stage("ingest", cfg)["finished"] == manifest["finished"]  # up to date on s3 too
 
 
 @pytest.mark.parametrize(

@@ -14,22 +14,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import storage
-from data_prep.manifest import StageError
-from data_prep.precompute import run_precompute
-from data_prep.precompute.reader import collate, empty_prompt, latent_dataset, load_latent_manifest
-from data_prep.shards import iter_samples
+from flows.registry import run as run_stage
+from ldm.io import storage
+from ldm.io.latents import collate, empty_prompt, latent_dataset, load_latent_manifest
+from ldm.io.manifest import StageError
+from ldm.io.shards import iter_samples
 from tests.helpers import free_port, make_config
 
 
 @pytest.fixture(scope="session")
 def latents(components):
     """train-vae and precompute on the components' work directory: (config, precompute manifest)."""
-    from ldm.autoencoder.stage import run_train_vae
+    from flows.registry import run as run_stage
 
     cfg, _ = components
-    run_train_vae(cfg)
-    return cfg, run_precompute(cfg)
+    run_stage("train-vae", cfg)
+    return cfg, run_stage("precompute", cfg)
 
 
 def _parts(workdir) -> list[Path]:
@@ -63,8 +63,8 @@ def test_latents_are_the_vae_posterior_means(latents):
     """The stored latents equal a plain fp32 encode of the same pixels, within the compute dtype's rounding."""
     import torch
 
-    from data_prep.shards import decode_rgb
     from ldm.autoencoder.model import load_vae
+    from ldm.io.shards import decode_rgb
 
     cfg, m = latents
     assert m["vae_compute_dtype"] in ("float32", "bfloat16")  # bf16 only where the CPU has AMX
@@ -91,7 +91,7 @@ def test_manifest_records_identity_and_the_empty_prompt(latents):
 
 def test_a_finished_precompute_is_skipped(latents, capsys):
     cfg, m = latents
-    assert run_precompute(cfg) == m
+    assert run_stage("precompute", cfg) == m
     assert "up to date" in capsys.readouterr().out
 
 
@@ -155,7 +155,7 @@ def test_parts_without_a_manifest_are_never_read(latents, tmp_path):
 
 def test_no_filtered_output_is_refused(tmp_path):
     with pytest.raises(StageError, match="run the filter stage first"):
-        run_precompute(make_config(tmp_path))
+        run_stage("precompute", make_config(tmp_path))
 
 
 def _stage_inputs(cfg, dest: Path) -> Path:
@@ -184,7 +184,7 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
     workdir = _stage_inputs(cfg, tmp_path)
     _replicate_filtered(workdir, copies=4)
     overrides = ["precompute.batch_size=2", "precompute.actors=1"]
-    cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -195,7 +195,7 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
     proc.wait()
     kept = {p.name: pq.read_table(p) for p in _parts(workdir)}
     assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
-    resumed = run_precompute(make_config(workdir, *overrides))
+    resumed = run_stage("precompute", make_config(workdir, *overrides))
     assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"]) == 4 * len(m["parts"])
     reference = {p.name: pq.read_table(p).to_pylist() for p in _parts(cfg.workdir)}
     for name, table in kept.items():  # every part the killed run left matches an uninterrupted run's
@@ -221,7 +221,7 @@ def test_precompute_reads_and_writes_s3(latents, s3_bucket):
         fs.put(str(Path(cfg.workdir) / sub), f"{s3_bucket}/w/{sub}", recursive=True)
     fs.put(str(Path(cfg.workdir) / "raw" / "manifest.json"), f"{s3_bucket}/w/raw/manifest.json")
     s3cfg = make_config(f"{s3_bucket}/w")
-    result = run_precompute(s3cfg)
+    result = run_stage("precompute", s3cfg)
     assert result["rows"] == m["rows"] and len(result["parts"]) == len(m["parts"])
     ds, lm = latent_dataset(f"{s3_bucket}/w/latents")
     assert ds.count() == m["rows"] and load_latent_manifest(f"{s3_bucket}/w/latents")["rows"] == m["rows"]
@@ -240,7 +240,7 @@ def test_precompute_joins_the_cluster_named_by_ray_address(latents, tmp_path):
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        cmd = [sys.executable, "-m", "ldm.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
+        cmd = [sys.executable, "-m", "flows.cli", "stage", "precompute", "--profile", "test", "--workdir", str(workdir)]
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]

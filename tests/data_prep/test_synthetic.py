@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from data_prep.sources import EXPECTED_OUTCOME, serve_synthetic, synthetic_rows
-from data_prep.sources.synthetic import (
+from ldm.config import SyntheticSource
+from ldm.synthetic import (
     CLEAN_WORDS,
     COLOURS,
     DEGRADATION_WEIGHTS,
@@ -26,7 +27,6 @@ from data_prep.sources.synthetic import (
     describe,
     render,
 )
-from ldm.config import SyntheticSource
 
 
 def test_samples_are_deterministic_for_a_seed():

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import storage
 from data_prep.ingest.url_guard import UrlGuard
+from ldm.io import storage
 
 
 def _no_dns(host: str) -> list[str]:
@@ -114,7 +114,7 @@ def test_prod_policy_end_to_end_in_a_network_namespace(tmp_path):
     cli = [
         sys.executable,
         "-m",
-        "ldm.cli",
+        "flows.cli",
         "stage",
         "ingest",
         "--profile",

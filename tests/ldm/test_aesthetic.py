@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_prep.manifest import StageError
 from ldm.aesthetic.model import AestheticMLP, load_aesthetic
 from ldm.aesthetic.train import predict, spearman, train_aesthetic
 from ldm.config import AestheticConfig
+from ldm.io.manifest import StageError
 
 # The state dict of LAION's sac+logos+ava1-l14-linearMSE.pth (improved-aesthetic-predictor, ViT-L/14).
 LAION_SHAPES = {

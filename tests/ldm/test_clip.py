@@ -11,13 +11,13 @@ import open_clip
 import pytest
 import torch
 
-from data_prep import storage
-from data_prep.manifest import StageError
-from data_prep.sources import heldout_set
+from flows.registry import run as run_stage
 from ldm.clip import ClipEncoder, load_encoder, load_pretrained
 from ldm.clip.encoder import clip_url
-from ldm.clip.stage import run_train_clip
 from ldm.clip.train import retrieval_top1, train_clip
+from ldm.io import storage
+from ldm.io.manifest import StageError
+from ldm.synthetic import heldout_set
 from tests.helpers import make_config
 
 # About 15 s of training on 2 cores. 120 training images only reach about 0.055 held-out top-1 (chance 0.01),
@@ -46,7 +46,7 @@ def trained(ingested, tmp_path_factory):
     (work / "raw" / "shards" / "99999.tar").write_bytes(b"not a tar file" * 100)
     cfg = make_config(work, *FAST)
     with pytest.warns(UserWarning, match="unreadable shard"):
-        return cfg, run_train_clip(cfg)
+        return cfg, run_stage("train-clip", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_mlflow_run_logged(trained):
 
 def test_stage_skips_when_up_to_date(trained, capsys):
     cfg, m = trained
-    again = run_train_clip(cfg)
+    again = run_stage("train-clip", cfg)
     assert again["finished"] == m["finished"]
     assert "up to date" in capsys.readouterr().out
 
@@ -101,14 +101,14 @@ def test_stage_refuses_other_config(trained):
     cfg, _ = trained
     other = make_config(cfg.workdir, *FAST, "clip.epochs=2")
     with pytest.raises(StageError, match="different config"):
-        run_train_clip(other)
+        run_stage("train-clip", other)
     with pytest.raises(StageError, match="different config|run the train-clip stage"):
         load_encoder(other)  # a later stage must not silently use a model trained from another config
 
 
 def test_stage_needs_ingest(tmp_path):
-    with pytest.raises(StageError, match="run ingest first"):
-        run_train_clip(make_config(tmp_path, *FAST))
+    with pytest.raises(StageError, match="run the ingest stage first"):
+        run_stage("train-clip", make_config(tmp_path, *FAST))
     with pytest.raises(StageError, match="train-clip"):
         load_encoder(make_config(tmp_path, *FAST))
 
@@ -235,9 +235,9 @@ def test_pretrained_stage_and_load_encoder(tiny_arch, tmp_path, capsys):
     path = tmp_path / "weights.bin"
     torch.save(_tiny_prod_model(tiny_arch).state_dict(), path)
     cfg = make_config(tmp_path / "work", f"clip.arch={tiny_arch}", f"clip.weights={path}")
-    m = run_train_clip(cfg)  # no ingest needed: nothing to train
+    m = run_stage("train-clip", cfg)  # no ingest needed: nothing to train
     assert m["arch"] == tiny_arch and m["weights"] == str(path.resolve()) and len(m["weights_sha256"]) == 64
-    assert run_train_clip(cfg)["finished"] == m["finished"]
+    assert run_stage("train-clip", cfg)["finished"] == m["finished"]
     assert "up to date" in capsys.readouterr().out
     assert load_encoder(cfg).embed_dim == 32
 

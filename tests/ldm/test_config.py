@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ldm.cli import main
+from flows.cli import main
 from ldm.config import ConfigError, PipelineConfig, load_config, profiles
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from data_prep.manifest import StageError
 from ldm.autoencoder.lpips import LPIPS, VGG_CHANNELS, _vgg16_features
 from ldm.autoencoder.train import loss_name, train_vae
+from ldm.io.manifest import StageError
 from tests.helpers import make_config
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep import storage
+from ldm.io import storage
 
 
 def _samples(tar: tarfile.TarFile) -> Iterator[dict[str, Any]]:

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from data_prep import storage
+from ldm.io import storage
 
 MANIFEST = "manifest.json"
 INTENT = "_run.json"  # written when a stage starts: which config the partial output belongs to

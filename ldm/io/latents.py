@@ -1,16 +1,39 @@
-"""The training read path over W/latents/: a checked Ray Dataset of latent rows, and the batch collate."""
+"""The latent-row format of W/latents/ (written by precompute, read by training): schema, parts, checked reader."""
 
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import manifest, storage
+from ldm.io import manifest, storage
 
 EXPECTABLE = ("latent_shape", "text_dim", "vae")
+SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("latent", pa.binary()),  # fp16 [C, h, w], C-order
+    ("scale_factor", pa.float32()),
+    ("latent_is_sample", pa.bool_()),
+    ("text_emb", pa.binary()),  # fp16 [text_len, D]: no padding beyond the caption's true length
+    ("text_len", pa.int32()),
+    ("caption", pa.string()),
+    ("aesthetic", pa.float32()),
+    ("similarity", pa.float32()),
+])  # fmt: skip
+
+
+def part_bytes(rows: list[dict], shape: tuple[int, ...], text_dim: int) -> bytes:
+    """One shard's rows as Parquet bytes, rows in key order, with the shapes in the file's metadata."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    meta = {b"latent_shape": ",".join(map(str, shape)).encode(), b"text_dim": str(text_dim).encode()}
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    return buf.getvalue()
 
 
 def load_latent_manifest(latents_url: str) -> dict:

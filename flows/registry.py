@@ -1,0 +1,95 @@
+"""The stage registry: every stage of the pipeline, in the order they run, described once.
+
+The `ldm` command line and the Prefect flow both read this list. Each entry says what defines the
+stage's output (config fields, input stages, weight files); the work itself is a plain function in
+`data_prep/` or `ldm/`, named here and imported only when the stage runs.
+"""
+
+from __future__ import annotations
+
+from ldm.config import PipelineConfig
+from ldm.stage import Stage, run_stage
+
+
+def _clip_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    return ("ingest",) if cfg.clip.arch == "tiny" else ()  # prod: registered by path, nothing to train
+
+
+def _clip_weights(cfg: PipelineConfig) -> dict[str, str]:
+    return {"clip.weights": cfg.clip.weights} if cfg.clip.arch != "tiny" and cfg.clip.weights else {}
+
+
+def _aesthetic_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    # The MLP scores CLIP embeddings, so it depends on the CLIP; trained, on the raw ratings too.
+    return ("train-clip",) if cfg.aesthetic.weights else ("ingest", "train-clip")
+
+
+def _aesthetic_weights(cfg: PipelineConfig) -> dict[str, str]:
+    return {"aesthetic.weights": cfg.aesthetic.weights} if cfg.aesthetic.weights else {}
+
+
+def _vae_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    return () if cfg.vae.path else ("filter",)
+
+
+def _vae_weights(cfg: PipelineConfig) -> dict[str, str]:
+    return {"vae.path": cfg.vae.path} if cfg.vae.path else {}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="ingest",
+        fields=("ingest", "source"),
+        work="data_prep.ingest:ingest",
+        summary="data_prep.ingest:summary",
+    ),
+    Stage(
+        name="train-clip",
+        fields=("clip", "ingest.resolution", "seed"),
+        work="ldm.clip.stage:train_clip_stage",
+        summary="ldm.clip.stage:summary",
+        inputs=_clip_inputs,
+        weights=_clip_weights,
+    ),
+    Stage(
+        name="train-aesthetic",
+        fields=("aesthetic", "ingest.resolution", "seed"),
+        work="ldm.aesthetic.stage:train_aesthetic_stage",
+        summary="ldm.aesthetic.stage:summary",
+        inputs=_aesthetic_inputs,
+        weights=_aesthetic_weights,
+    ),
+    Stage(
+        name="filter",
+        fields=("filter", "ingest.resolution"),
+        work="data_prep.filter:filter_stage",
+        summary="data_prep.filter:summary",
+        inputs=lambda cfg: ("ingest", "train-clip", "train-aesthetic"),
+    ),
+    Stage(
+        name="train-vae",
+        fields=("vae", "ingest.resolution", "seed"),
+        work="ldm.autoencoder.stage:train_vae_stage",
+        summary="ldm.autoencoder.stage:summary",
+        inputs=_vae_inputs,
+        weights=_vae_weights,
+    ),
+    Stage(
+        name="precompute",
+        fields=("precompute", "ingest.resolution", "seed"),
+        work="data_prep.precompute:precompute",
+        summary="data_prep.precompute:summary",
+        inputs=lambda cfg: ("filter", "train-vae", "train-clip"),
+    ),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    """The registered stage of that name."""
+    return BY_NAME[name]
+
+
+def run(name: str, cfg: PipelineConfig, overwrite: bool = False) -> dict:
+    """Run one stage through the stage protocol; returns its manifest."""
+    return run_stage(BY_NAME[name], cfg, overwrite)

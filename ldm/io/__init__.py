@@ -1,0 +1,1 @@
+"""The I/O every stage shares: fsspec storage, stage manifests, webdataset shards, the latent-row format."""

@@ -1,0 +1,250 @@
+"""The stage protocol: what a stage is, where its output lives, and the one way every stage runs.
+
+A stage is a description (name, inputs, the config fields and weight files that define its output)
+plus a function that does the work. `run_stage` does the rest, the same for every stage: check the
+inputs exist and were made from this config, skip a finished output, refuse one made from another
+config, record the intent before the first write, and commit the manifest last.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldm.config import PipelineConfig
+from ldm.io import manifest, storage
+from ldm.io.manifest import StageError
+
+# Every stage's output folder under the work directory: the one place these paths are written.
+LAYOUT = {
+    "ingest": "raw",
+    "train-clip": "models/clip",
+    "train-aesthetic": "models/aesthetic",
+    "filter": "filtered",
+    "train-vae": "models/vae",
+    "precompute": "latents",
+}
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """The folders of one pipeline's work directory URL (`file://` or `s3://`)."""
+
+    url: str
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> Workdir:
+        """The work directory a config names."""
+        return cls(storage.normalize(cfg.workdir))
+
+    def path(self, *parts: str) -> str:
+        """A URL under the work directory."""
+        return storage.join(self.url, *parts)
+
+    def output(self, stage: str) -> str:
+        """The output folder of a stage."""
+        return self.path(LAYOUT[stage])
+
+    @property
+    def source(self) -> str:
+        """Where a synthetic source writes its URL parquet and manifest."""
+        return self.path("source")
+
+    @property
+    def raw_shards(self) -> str:
+        """ingest's webdataset tars."""
+        return self.path(LAYOUT["ingest"], "shards")
+
+    @property
+    def filtered_shards(self) -> str:
+        """filter's webdataset tars."""
+        return self.path(LAYOUT["filter"], "shards")
+
+    @property
+    def latent_parts(self) -> str:
+        """precompute's Parquet parts."""
+        return self.path(LAYOUT["precompute"], "parts")
+
+    @property
+    def mlartifacts(self) -> str:
+        """MLflow artifacts of experiments this pipeline creates."""
+        return self.path("mlartifacts")
+
+
+def _none(cfg: PipelineConfig) -> dict[str, str]:
+    return {}
+
+
+def _no_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its name, what defines its output, and the function that makes it.
+
+    `fields` are dotted config paths whose values define the output; `inputs(cfg)` the stages whose
+    output it reads; `weights(cfg)` local files or folders (by config field) whose content defines it.
+    `work` names the function (`module:function`) that takes a StageRun, does the work and returns the
+    manifest's fields; `summary` the one that turns a manifest into what the user reads. They are named,
+    not imported, so describing the pipeline (the stage list, a plan, the Prefect flow) loads no torch.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+    work: str
+    summary: str | None = None
+    inputs: Callable[[PipelineConfig], tuple[str, ...]] = _no_inputs
+    weights: Callable[[PipelineConfig], dict[str, str]] = _none
+
+    def function(self, which: str = "work") -> Callable[..., Any]:
+        """The stage's work (or summary) function, imported on first use."""
+        module, _, name = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class StageRun:
+    """One run of a stage: its config, its folders, its inputs' manifests, and the begin step."""
+
+    stage: Stage
+    cfg: PipelineConfig
+    workdir: Workdir
+    out: str
+    config_hash: str
+    config: dict[str, Any]
+    inputs: dict[str, dict]
+    resumed: bool
+    _begun: bool = field(default=False, repr=False)
+
+    def begin(self) -> None:
+        """Record that the output folder now belongs to this config; call before the first write."""
+        if not self._begun:
+            manifest.begin(self.out, self.stage.name, self.config_hash)
+            self._begun = True
+
+
+def resolve(cfg: PipelineConfig, dotted: str) -> Any:
+    """The JSON value of a dotted config path (`ingest.resolution`, or a whole section)."""
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def config_of(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
+    """The config values that define a stage's output, keyed by dotted path."""
+    return {path: resolve(cfg, path) for path in stage.fields}
+
+
+_content_ids: dict[tuple[str, int, int], str] = {}
+
+
+def content_id(path: str) -> str:
+    """Identity of a local weights file or folder by content: sha256 (size and mtime past 1 GiB).
+
+    Weights replaced at the same path are new weights for every stage that used them.
+    """
+    p = Path(path.removeprefix("file://")).expanduser()
+    if p.is_dir():
+        return manifest.digest({f.name: content_id(str(f)) for f in sorted(p.iterdir()) if f.is_file()})
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _content_ids:
+        big = st.st_size > 2**30
+        _content_ids[key] = f"size{st.st_size}-mtime{st.st_mtime_ns}" if big else storage.file_sha256(p)
+    return _content_ids[key]
+
+
+def weight_ids(stage: Stage, cfg: PipelineConfig) -> dict[str, str]:
+    """Content ids of the local weights a stage loads, by config field; a missing path is one line."""
+    ids = {}
+    for name, path in stage.weights(cfg).items():
+        local = Path(path.removeprefix("file://")).expanduser()
+        if "://" in path and not path.startswith("file://"):
+            raise StageError(f"{stage.name}: {name} = {path} must be a local path (weights are never downloaded)")
+        if not local.exists():
+            raise StageError(f"{stage.name}: {name} = {path} does not exist")
+        ids[name] = content_id(path)
+    return ids
+
+
+def check_made_by(m: dict, cfg: PipelineConfig, folder: str, stage: str) -> None:
+    """Refuse an output whose recorded config differs from this config, naming the first field that differs."""
+    for path, value in (m.get("config") or {}).items():
+        try:
+            now = resolve(cfg, path)
+        except AttributeError:
+            now = None
+        diff = _first_difference(path, value, now)
+        if diff is not None:
+            where, old, new = diff
+            raise StageError(
+                f"{folder} was made with {where}={_short(old)}, this config has {where}={_short(new)}; "
+                f"rerun the {stage} stage (with --overwrite)"
+            )
+
+
+def _first_difference(path: str, old: Any, new: Any) -> tuple[str, Any, Any] | None:
+    """The dotted path and both values of the first leaf where two config values differ, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            diff = _first_difference(f"{path}.{key}", old.get(key), new.get(key))
+            if diff is not None:
+                return diff
+        return None
+    return None if old == new else (path, old, new)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def finished_input(wd: Workdir, name: str, cfg: PipelineConfig, _seen: dict[str, dict] | None = None) -> dict:
+    """The manifest of a finished stage, checked down its chain: made from this config and from the
+    inputs now on disk. StageError naming the stage to run otherwise."""
+    seen = {} if _seen is None else _seen
+    if name in seen:
+        return seen[name]
+    folder = wd.output(name)
+    url = storage.join(folder, manifest.MANIFEST)
+    if not storage.exists(url):
+        raise StageError(f"{url} does not exist: run the {name} stage first")
+    try:
+        m = storage.read_json(url)
+    except ValueError as e:
+        raise StageError(f"{url} is not valid JSON ({e}); rerun the {name} stage with --overwrite") from e
+    check_made_by(m, cfg, folder, name)
+    for inp, recorded in (m.get("inputs") or {}).items():
+        if finished_input(wd, inp, cfg, seen).get("config_hash") != recorded:
+            raise StageError(f"{folder} was made from another {inp} output than the one in {wd.output(inp)}; "
+                             f"rerun the {name} stage (with --overwrite)")  # fmt: skip
+    seen[name] = m
+    return m
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False) -> dict:
+    """Run one stage through the protocol: inputs checked, skip if done, begin, work, commit. Returns the manifest."""
+    wd = Workdir.of(cfg)
+    out = wd.output(stage.name)
+    seen: dict[str, dict] = {}
+    inputs = {name: finished_input(wd, name, cfg, seen) for name in stage.inputs(cfg)}
+    config = config_of(stage, cfg)
+    weights = weight_ids(stage, cfg)
+    input_hashes = {name: m["config_hash"] for name, m in inputs.items()}
+    chash = manifest.digest({"config": config, "weights": weights, "inputs": input_hashes})
+    state = manifest.check_output(out, chash, overwrite)
+    if state is manifest.OutputState.DONE:
+        print(f"{stage.name}: {out} is up to date; skipping")
+        return storage.read_json(storage.join(out, manifest.MANIFEST))
+    run = StageRun(stage, cfg, wd, out, chash, config, inputs, resumed=state is manifest.OutputState.RESUME)
+    fields = stage.function("work")(run)
+    run.begin()
+    result = manifest.commit(out, stage.name, chash, config, inputs=input_hashes, weight_ids=weights, **fields)
+    if stage.summary is not None:
+        print(stage.function("summary")(result))
+    return result
