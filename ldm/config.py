@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -282,12 +280,6 @@ def load_config(profile: str, overrides: list[str] | None = None, workdir: str |
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise _first_error(err) from None
-
-
-def section_hash(section: BaseModel | dict[str, Any]) -> str:
-    """A stable short hash of a config section, used to tell whether outputs match their config."""
-    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def to_yaml(cfg: PipelineConfig) -> str:
