@@ -100,13 +100,14 @@ def sample(
     latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
     extra = _step_kwargs(scheduler, generator)
     cond = cond.to(device=device, dtype=dtype)
+    mask = None if mask is None else mask.to(device)
     guide = uncond is not None and scale != 1.0
+    if guide:
+        uncond = uncond.to(device=device, dtype=dtype)
+        uncond_mask = None if uncond_mask is None else uncond_mask.to(device)
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(latents, t)
-        if guide:
-            pred = guided_eps(fn, z_in, t, cond, mask, uncond.to(device=device, dtype=dtype), uncond_mask, scale)
-        else:
-            pred = fn(z_in, t, cond, mask)
+        pred = guided_eps(fn, z_in, t, cond, mask, uncond, uncond_mask, scale) if guide else fn(z_in, t, cond, mask)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
     return latents
 
