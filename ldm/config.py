@@ -285,3 +285,30 @@ def load_config(profile: str, overrides: list[str] | None = None, workdir: str |
 def to_yaml(cfg: PipelineConfig) -> str:
     """The resolved config as YAML, in schema order."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class DiffusionConfig(Section):
+    """The forward process and training objective of the latent diffusion UNet."""
+
+    schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+        "scaled_linear", description="beta schedule: DDPM's linear, SD's scaled_linear, or Nichol-Dhariwal cosine"
+    )
+    timesteps: int = Field(1000, ge=2, le=10_000, description="training timesteps T")
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    zero_terminal_snr: bool = Field(False, description="rescale betas so that SNR(T) = 0 (Lin et al. 2024)")
+    snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR-gamma loss weighting; None = plain MSE")
+    offset_noise: float = Field(0.0, ge=0, le=1, description="std of the per-channel noise offset; 0 = off")
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self) -> DiffusionConfig:
+        # At SNR 0 the latent is pure noise: an epsilon prediction says nothing about x0, and every
+        # sampler's x0 = (z - sqrt(1-abar) eps) / sqrt(abar) divides by zero (Lin et al. 2024, sec. 3.2).
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type v_prediction (epsilon gives no x0 at SNR 0)")
+        return self
+
+
+class UnetConfig(Section):
+    """The denoising UNet: a named size from ldm.unet.UNET_SIZES."""
+
+    size: Literal["tiny", "small", "sd2-base"] = "tiny"
