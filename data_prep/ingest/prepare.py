@@ -6,13 +6,15 @@ before any request is made; every dropped row is counted by reason.
 
 from __future__ import annotations
 
-import hashlib
+import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_prep.ingest.dedupe import SeenUrls
 from data_prep.ingest.url_guard import UrlGuard
 from ldm.config import Columns
 from ldm.io import storage
@@ -93,8 +95,16 @@ def _caption(raw: bytes | None) -> tuple[str | None, str | None]:
 
 def prepare(inputs: list[InputFile], columns: Columns, guard: UrlGuard, out_url: str) -> Prepared:
     """Write one cleaned parquet per input under out_url; return what was kept and dropped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = SeenUrls(os.path.join(tmp, "seen.sqlite"))  # exact duplicates across the whole list
+        try:
+            return _prepare(inputs, columns, guard, out_url, seen)
+        finally:
+            seen.close()
+
+
+def _prepare(inputs: list[InputFile], columns: Columns, guard: UrlGuard, out_url: str, seen: SeenUrls) -> Prepared:
     result = Prepared(extras=sorted({e for i in inputs for e in i.extras}, key=columns.extra.index))
-    seen: set[bytes] = set()  # 8-byte URL digests: exact duplicates across the whole list
     for n, inp in enumerate(inputs):
         fs, path = storage.fs_for(inp.url)
         with fs.open(path, "rb") as f:
@@ -103,8 +113,8 @@ def prepare(inputs: list[InputFile], columns: Columns, guard: UrlGuard, out_url:
         captions = table.column(columns.caption).cast(pa.binary()).to_pylist()
         urls = table.column(columns.url).to_pylist()
         guard.prefetch(u for u in urls if u)
-        keep: list[int] = []
-        clean_captions: list[str] = []
+        candidates: list[int] = []
+        texts: list[str] = []
         for i, (url, raw) in enumerate(zip(urls, captions, strict=True)):
             reason = guard.check(url) if url else "bad_url"
             if reason and reason not in ("bad_url", "bad_scheme"):
@@ -112,15 +122,16 @@ def prepare(inputs: list[InputFile], columns: Columns, guard: UrlGuard, out_url:
             text = None
             if not reason:
                 text, reason = _caption(raw)
-            if not reason:
-                h = hashlib.blake2b(url.encode(), digest_size=8).digest()
-                reason = "duplicate_url" if h in seen else None
-                seen.add(h)
             if reason:
                 result.dropped[reason] += 1
                 continue
-            keep.append(i)
-            clean_captions.append(text)
+            candidates.append(i)
+            texts.append(text)
+        first = seen.first_seen([urls[i] for i in candidates])
+        if (~first).any():
+            result.dropped["duplicate_url"] += int((~first).sum())
+        keep = [i for i, new in zip(candidates, first, strict=True) if new]
+        clean_captions = [t for t, new in zip(texts, first, strict=True) if new]
         idx = pa.array(keep, type=pa.int64())
         cols = {"url": table.column(columns.url).take(idx), "caption": pa.array(clean_captions, pa.string())}
         for e in result.extras:
