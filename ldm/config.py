@@ -163,7 +163,9 @@ class PrecomputeConfig(Section):
     latent: Literal["mean", "sample"] = Field("mean", description="store the posterior mean, or a seeded sample")
     batch_size: int = Field(256, ge=1, description="rows per encoder call (CPU actors encode them 16 at a time)")
     actors: int | None = Field(None, ge=1, description="VAE actors; None = what the cluster allows")
-    half: bool = Field(True, description="VAE in half precision: fp16 on a GPU, bf16 on a CPU with AMX; else fp32")
+    half: bool = Field(
+        True, description="VAE in half precision: fp16 on a GPU, bf16 on a CPU with AMX or AVX512-BF16; else fp32"
+    )
     object_store_mb: int = Field(512, ge=64, description="object store of a locally started Ray cluster")
 
 

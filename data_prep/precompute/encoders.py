@@ -15,7 +15,7 @@ import torch
 from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_encoder
 from ldm.config import PipelineConfig
-from ldm.devices import use_bf16
+from ldm.devices import bf16_inference
 from ldm.io.shards import decode_rgb, read_shard
 
 Batch = dict[str, np.ndarray]
@@ -46,12 +46,12 @@ def decode_images(batch: Batch, resolution: int) -> Batch:
 
 
 def vae_compute_dtype(cfg, device_type: str):
-    """The VAE's compute dtype: fp16 on a GPU and bf16 on an AMX CPU when precompute.half, else fp32."""
+    """The VAE's compute dtype: fp16 on a GPU and bf16 on CPUs with AMX or AVX512-BF16 when precompute.half."""
     if not cfg.precompute.half:
         return torch.float32
     if device_type == "cuda":
         return torch.float16
-    return torch.bfloat16 if use_bf16() else torch.float32
+    return torch.bfloat16 if bf16_inference() else torch.float32
 
 
 def _threads(use_gpu: bool) -> None:
