@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage")
     stage.add_argument("name", choices=[s.name for s in STAGES])
     stage.add_argument("--overwrite", action="store_true", help="replace output made from another config")
+    stage.add_argument("--allow-partial", action="store_true", help="commit even if some input shards were unreadable")
     _common(stage)
 
     run = sub.add_parser("run", help="run every stage in order on one profile")
     run.add_argument("--overwrite", action="store_true", help="replace output made from another config")
+    run.add_argument("--allow-partial", action="store_true", help="commit even if some input shards were unreadable")
     _common(run)
     return parser
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [args.name] if args.command == "stage" else [s.name for s in STAGES]
     try:
         for name in names:
-            run(name, cfg, args.overwrite)
+            run(name, cfg, args.overwrite, args.allow_partial)
     except StageError as e:
         print(f"ldm: error: {e}", file=sys.stderr)
         return 1

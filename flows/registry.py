@@ -41,6 +41,7 @@ STAGES: tuple[Stage, ...] = (
         name="ingest",
         fields=("ingest", "source"),
         work="data_prep.ingest:ingest",
+        sources="data_prep.ingest.prepare:source_ids",
         summary="data_prep.ingest:summary",
     ),
     Stage(
@@ -90,6 +91,6 @@ def stage(name: str) -> Stage:
     return BY_NAME[name]
 
 
-def run(name: str, cfg: PipelineConfig, overwrite: bool = False) -> dict:
+def run(name: str, cfg: PipelineConfig, overwrite: bool = False, allow_partial: bool = False) -> dict:
     """Run one stage through the stage protocol; returns its manifest."""
-    return run_stage(BY_NAME[name], cfg, overwrite)
+    return run_stage(BY_NAME[name], cfg, overwrite, allow_partial)

@@ -9,6 +9,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# A knob: a setting that changes how fast or where a stage runs, not what it writes. Stages leave knobs
+# out of their output's identity (ldm/stage.py), so a killed run resumes under other parallelism.
+KNOB = {"identity": False}
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
@@ -67,10 +71,13 @@ class IngestConfig(Section):
         "public", description="public: only public unicast http(s) hosts; loopback: only 127.0.0.1"
     )
     samples_per_shard: int = Field(1000, ge=1)
-    processes: int = Field(1, ge=1)
-    threads: int = Field(16, ge=1)
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(0, ge=0, le=10)
+    processes: int = Field(1, ge=1, json_schema_extra=KNOB)
+    threads: int = Field(16, ge=1, json_schema_extra=KNOB)
+    # Which rows succeed is decided by the network, not reproducibly by these two: a rerun with the same
+    # values gets other transient failures. Each shard's outcomes are counted in its stats, so they are knobs
+    # (raising the timeout to finish a resume must not throw finished shards away).
+    timeout_s: float = Field(10.0, gt=0, json_schema_extra=KNOB)
+    retries: int = Field(0, ge=0, le=10, json_schema_extra=KNOB)
     encode_quality: int = Field(95, ge=1, le=100)
     max_image_area: int = Field(40_000_000, ge=1, description="pixels; larger declared images are dropped")
 
@@ -120,7 +127,7 @@ class FilterConfig(Section):
     min_size: int = Field(0, ge=0, description="minimum original short side, px")
     pwatermark_max: float = Field(0.8, ge=0, le=1)
     punsafe_max: float = Field(0.5, ge=0, le=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, json_schema_extra=KNOB)  # scores equal up to float rounding
 
 
 class VaeConfig(Section):
@@ -161,12 +168,18 @@ class PrecomputeConfig(Section):
     """Ray Data precompute of VAE latents and text embeddings into W/latents/."""
 
     latent: Literal["mean", "sample"] = Field("mean", description="store the posterior mean, or a seeded sample")
-    batch_size: int = Field(256, ge=1, description="rows per encoder call (CPU actors encode them 16 at a time)")
-    actors: int | None = Field(None, ge=1, description="VAE actors; None = what the cluster allows")
+    batch_size: int = Field(
+        256, ge=1, description="rows per encoder call (CPU actors encode them 16 at a time)", json_schema_extra=KNOB
+    )
+    actors: int | None = Field(
+        None, ge=1, description="VAE actors; None = what the cluster allows", json_schema_extra=KNOB
+    )
     half: bool = Field(
         True, description="VAE in half precision: fp16 on a GPU, bf16 on a CPU with AMX or AVX512-BF16; else fp32"
     )
-    object_store_mb: int = Field(512, ge=64, description="object store of a locally started Ray cluster")
+    object_store_mb: int = Field(
+        512, ge=64, description="object store of a locally started Ray cluster", json_schema_extra=KNOB
+    )
 
 
 class TrackingConfig(Section):

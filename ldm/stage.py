@@ -9,6 +9,7 @@ config, record the intent before the first write, and commit the manifest last.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class Workdir:
     """The folders of one pipeline's work directory URL (`file://` or `s3://`)."""
 
     url: str
+    # (stage, folder): where this run writes that stage's output instead of its usual folder (--overwrite)
+    staged: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> Workdir:
@@ -46,7 +49,7 @@ class Workdir:
 
     def output(self, stage: str) -> str:
         """The output folder of a stage."""
-        return self.path(LAYOUT[stage])
+        return dict(self.staged).get(stage) or self.path(LAYOUT[stage])
 
     @property
     def source(self) -> str:
@@ -56,17 +59,17 @@ class Workdir:
     @property
     def raw_shards(self) -> str:
         """ingest's webdataset tars."""
-        return self.path(LAYOUT["ingest"], "shards")
+        return storage.join(self.output("ingest"), "shards")
 
     @property
     def filtered_shards(self) -> str:
         """filter's webdataset tars."""
-        return self.path(LAYOUT["filter"], "shards")
+        return storage.join(self.output("filter"), "shards")
 
     @property
     def latent_parts(self) -> str:
         """precompute's Parquet parts."""
-        return self.path(LAYOUT["precompute"], "parts")
+        return storage.join(self.output("precompute"), "parts")
 
     @property
     def mlartifacts(self) -> str:
@@ -99,6 +102,8 @@ class Stage:
     summary: str | None = None
     inputs: Callable[[PipelineConfig], tuple[str, ...]] = _no_inputs
     weights: Callable[[PipelineConfig], dict[str, str]] = _none
+    # `module:function(cfg)` -> {url: content id} of source files outside the work directory (ingest's URL list)
+    sources: str | None = None
 
     def function(self, which: str = "work") -> Callable[..., Any]:
         """The stage's work (or summary) function, imported on first use."""
@@ -128,11 +133,24 @@ class StageRun:
 
 
 def resolve(cfg: PipelineConfig, dotted: str) -> Any:
-    """The JSON value of a dotted config path (`ingest.resolution`, or a whole section)."""
+    """The JSON value of a dotted config path (`ingest.resolution`, or a whole section), knobs left out."""
     node: Any = cfg
     for key in dotted.split("."):
         node = getattr(node, key)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+    return _identity(node)
+
+
+def _identity(node: Any) -> Any:
+    """A section's JSON without its knobs (fields marked `identity: False`): what defines the output."""
+    if not hasattr(node, "model_dump"):
+        return node
+    dumped = node.model_dump(mode="json")
+    for name, f in type(node).model_fields.items():
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("identity") is False:
+            dumped.pop(name, None)
+        elif hasattr(getattr(node, name), "model_dump"):
+            dumped[name] = _identity(getattr(node, name))
+    return dumped
 
 
 def config_of(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
@@ -227,24 +245,50 @@ def finished_input(wd: Workdir, name: str, cfg: PipelineConfig, _seen: dict[str,
     return m
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False) -> dict:
-    """Run one stage through the protocol: inputs checked, skip if done, begin, work, commit. Returns the manifest."""
+def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False, allow_partial: bool = False) -> dict:
+    """Run one stage through the protocol: inputs checked, skip if done, begin, work, commit. Returns the manifest.
+
+    A work function that could not read some input returns `skipped` (one line per shard); the stage
+    then fails without committing, so a rerun retries those shards, unless `allow_partial`.
+    """
     wd = Workdir.of(cfg)
     out = wd.output(stage.name)
+    manifest.swap(out)  # an --overwrite run killed after its commit but before its swap: finish the swap
     seen: dict[str, dict] = {}
     inputs = {name: finished_input(wd, name, cfg, seen) for name in stage.inputs(cfg)}
     config = config_of(stage, cfg)
     weights = weight_ids(stage, cfg)
     input_hashes = {name: m["config_hash"] for name, m in inputs.items()}
-    chash = manifest.digest({"config": config, "weights": weights, "inputs": input_hashes})
+    identity = {"config": config, "weights": weights, "inputs": input_hashes}
+    if stage.sources:  # a new or changed source file is another output, refused or redone, never "up to date"
+        identity["sources"] = stage.function("sources")(cfg)
+    chash = manifest.digest(identity)
     state = manifest.check_output(out, chash, overwrite)
     if state is manifest.OutputState.DONE:
         print(f"{stage.name}: {out} is up to date; skipping")
         return storage.read_json(storage.join(out, manifest.MANIFEST))
-    run = StageRun(stage, cfg, wd, out, chash, config, inputs, resumed=state is manifest.OutputState.RESUME)
+    target = out
+    if state is manifest.OutputState.REPLACE:  # the old output stays usable until the new one commits
+        target = manifest.staging(out)
+        state = manifest.check_output(target, chash, overwrite=True)
+        if state is manifest.OutputState.REPLACE:  # a staged run of yet another config: never committed
+            storage.remove(target)
+        wd = Workdir(wd.url, staged=((stage.name, target),))
+    run = StageRun(stage, cfg, wd, target, chash, config, inputs, resumed=state is manifest.OutputState.RESUME)
     fields = stage.function("work")(run)
     run.begin()
-    result = manifest.commit(out, stage.name, chash, config, inputs=input_hashes, weight_ids=weights, **fields)
+    skipped = fields.get("skipped") or []
+    if skipped and not allow_partial:
+        raise StageError(
+            f"{stage.name}: {len(skipped)} input shard(s) could not be read ({skipped[0]}); nothing was committed: "
+            "repair or remove them and rerun (finished work is kept), or pass --allow-partial to accept the loss"
+        )
+    if target != out:  # paths the work recorded name the folder the output is about to be moved to
+        fields = json.loads(json.dumps(fields, default=str).replace(json.dumps(target)[1:-1], json.dumps(out)[1:-1]))
+    result = manifest.commit(
+        target, stage.name, chash, config, inputs=input_hashes, weight_ids=weights, partial=bool(skipped), **fields
+    )
+    manifest.swap(out)
     if stage.summary is not None:
         print(stage.function("summary")(result))
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import warnings
 from collections import Counter
@@ -64,6 +65,15 @@ class Scorer:
         return np.concatenate(aesthetic), np.concatenate(similarity)
 
 
+def _pause_point(name: str, written: str) -> None:
+    """Test hook: with LDM_FILTER_PAUSE=<shard>:<tar|scores|stats>:<marker file>, stop after that write so a
+    test can SIGKILL the stage exactly between two of a shard's writes."""
+    spec = os.environ.get("LDM_FILTER_PAUSE", "")
+    if spec and spec.split(":", 2)[:2] == [name, written]:
+        open(spec.split(":", 2)[2], "w").close()
+        time.sleep(3600)
+
+
 def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConfig) -> dict:
     """Score one raw shard; write its kept samples, every sample's scores, then its stats (the done marker)."""
     samples = read_shard(tar_url)
@@ -78,6 +88,7 @@ def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConf
         if reason is None:
             kept.append({**s, "json": {**meta, "aesthetic": round(a, 4), "similarity": round(c, 4)}})
     write_shard(storage.join(shards_out, f"{name}.tar"), kept)
+    _pause_point(name, "tar")
     schema = pa.schema(
         [
             ("key", pa.string()),
@@ -90,12 +101,14 @@ def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConf
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
     storage.write_bytes_atomic(storage.join(shards_out, f"{name}_scores.parquet"), buf.getvalue())
+    _pause_point(name, "scores")
     stats = {
         "samples": len(samples),
         "kept": len(kept),
         "dropped": dict(Counter(r["reason"] for r in rows if r["reason"])),
     }
     storage.write_json_atomic(storage.join(shards_out, f"{name}_stats.json"), stats)
+    _pause_point(name, "stats")
     return stats
 
 
@@ -168,6 +181,7 @@ def filter_stage(run: StageRun) -> dict:
     return dict(
         counts=counts,
         skipped_shards=len(skipped),
+        skipped=skipped,
         metrics=metrics,
         shards=[{"name": f"{k}.tar", "samples": v["kept"]} for k, v in sorted(stats.items())],
         report=storage.join(out, "filter_report.json"),

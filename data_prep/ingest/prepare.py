@@ -58,6 +58,23 @@ def expand_inputs(paths: list[str]) -> list[str]:
     return files
 
 
+def source_ids(cfg) -> dict[str, str]:
+    """Content ids of a parquet source's files (size + ETag, or mtime where the store has none), by URL.
+
+    Part of ingest's identity: img2dataset numbers shards by the sorted file listing, so an added, removed
+    or changed file is another output; a synthetic source is defined by its config alone.
+    """
+    if cfg.source.kind != "parquet":
+        return {}
+    ids = {}
+    for url in expand_inputs(cfg.source.paths):
+        fs, path = storage.fs_for(url)
+        info = fs.info(path)
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        ids[url] = f"{info.get('size')}-{version}".replace('"', "")
+    return ids
+
+
 def inspect_inputs(paths: list[str], columns: Columns) -> list[InputFile]:
     """Read every input's schema; refuse a missing URL/caption column or an empty list before any write."""
     inputs = []

@@ -8,6 +8,7 @@ as the shard is complete. Parts are named by input shard, so a killed run resume
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections import defaultdict
 
@@ -146,18 +147,31 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
     )  # fmt: skip
     pending: dict[str, list[dict]] = defaultdict(list)
     written = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch["key"])
-        for i in range(n):
-            row = {k: batch[k][i] for k in ("shard", "key", "latent", "text_emb", "text_len", "caption",
-                                            "aesthetic", "similarity")}  # fmt: skip
-            row.update(scale_factor=scale, latent_is_sample=cfg.precompute.latent == "sample")
-            row["text_len"] = int(row["text_len"])
-            pending[str(row["shard"])].append(row)
-        for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
-            data = part_bytes(pending.pop(name), shape, text_dim)
-            storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
-            written += expected[name]
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            written += _write_complete(batch, pending, expected, parts_url, shape, text_dim, scale, cfg)
+    except Exception as e:  # a refusal raised inside a Ray task reaches the driver wrapped in Ray's error
+        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))
+        if found:
+            raise StageError(found.group(0)) from None
+        raise
     if pending:
         raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
+    return written
+
+
+def _write_complete(batch, pending, expected, parts_url, shape, text_dim, scale, cfg) -> int:
+    """Add a batch's rows to their shards; write each shard whose rows all arrived; rows written."""
+    written = 0
+    n = len(batch["key"])
+    for i in range(n):
+        row = {k: batch[k][i] for k in ("shard", "key", "latent", "text_emb", "text_len", "caption",
+                                        "aesthetic", "similarity")}  # fmt: skip
+        row.update(scale_factor=scale, latent_is_sample=cfg.precompute.latent == "sample")
+        row["text_len"] = int(row["text_len"])
+        pending[str(row["shard"])].append(row)
+    for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
+        data = part_bytes(pending.pop(name), shape, text_dim)
+        storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
+        written += expected[name]
     return written

@@ -22,18 +22,34 @@ Batch = dict[str, np.ndarray]
 CPU_CHUNK = 16  # images per VAE forward on a CPU actor
 
 
+MISSING = "precompute: filtered shard {shard} sample {key} has no {what}"
+
+
+class MissingField(ValueError):
+    """A filtered sample without its caption or scores: the filtered output is not the filter's."""
+
+
 def shard_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """flat_map: one filtered shard -> its samples as rows (image bytes still encoded)."""
+    """flat_map: one filtered shard -> its samples as rows (image bytes still encoded).
+
+    A missing caption or score is refused, not stored as "" or NaN: the filter writes all three.
+    """
     rows = []
     for s in read_shard(item["url"]):
         meta = s.get("json", {})
+        for what, value in (("caption (.txt)", s.get("txt")), ("aesthetic score", meta.get("aesthetic")),
+                            ("similarity score", meta.get("similarity"))):  # fmt: skip
+            if value is None:
+                raise MissingField(
+                    MISSING.format(shard=item["url"], key=s["key"], what=what) + "; rerun filter with --overwrite"
+                )
         rows.append({
             "shard": item["name"],
             "key": s["key"],
             "jpg": s["jpg"],
-            "caption": s.get("txt", ""),
-            "aesthetic": float(meta.get("aesthetic", np.nan)),
-            "similarity": float(meta.get("similarity", np.nan)),
+            "caption": s["txt"],
+            "aesthetic": float(meta["aesthetic"]),
+            "similarity": float(meta["similarity"]),
         })  # fmt: skip
     return rows
 

@@ -89,6 +89,7 @@ def train_aesthetic_stage(run: StageRun) -> dict:
         input_size=encoder.embed_dim,
         counts=counts,
         metrics=metrics,
+        skipped=[] if cfg.aesthetic.weights else data.skipped,
     )
 
 

@@ -27,6 +27,7 @@ class OutputState(Enum):
     FRESH = "fresh"  # nothing there
     RESUME = "resume"  # partial output from the same config
     DONE = "done"  # complete output from the same config: skip
+    REPLACE = "replace"  # output from another config, --overwrite: build the new one beside it, swap at commit
 
 
 def code_version() -> str:
@@ -68,8 +69,34 @@ def check_output(out_url: str, config_hash: str, overwrite: bool) -> OutputState
             f"{out_url} already holds output from a different {what} (this config: {config_hash}); "
             "pass --overwrite to replace it"
         )
+    return OutputState.REPLACE  # the old output stays until the new one commits (see `swap`)
+
+
+def staging(out_url: str) -> str:
+    """The sibling folder an --overwrite run builds its output in: `<out>.next`."""
+    return out_url.rstrip("/") + ".next"
+
+
+def swap(out_url: str) -> None:
+    """Replace out_url by its committed staging folder; a no-op unless the staging folder holds a manifest.
+
+    Idempotent, so a run killed mid-swap is finished by the next run. Locally the move is a rename; on an
+    object store a prefix "rename" is a copy of every object then a delete, so the old output is removed
+    only once the new manifest is committed in the staging folder, which stays the source until the copy ends.
+    """
+    staged = staging(out_url)
+    if not storage.exists(storage.join(staged, MANIFEST)):
+        return
     storage.remove(out_url)
-    return OutputState.FRESH
+    fs, src = storage.fs_for(staged)
+    _, dst = storage.fs_for(out_url)
+    if "file" in fs.protocol:
+        fs.mv(src, dst, recursive=True)
+    else:  # copy the manifest last, so a half-copied output never looks finished
+        files = [f for f in fs.find(src) if not f.endswith("/" + MANIFEST)] + [f"{src}/{MANIFEST}"]
+        for f in files:
+            fs.copy(f, dst + f[len(src) :])
+        storage.remove(staged)
 
 
 def _has_entries(url: str) -> bool:

@@ -210,3 +210,41 @@ def test_ingest_writes_to_s3(s3_bucket):
 )
 def test_img2dataset_messages_are_classified(message, outcome):
     assert classify(message) == outcome
+
+
+def test_a_new_file_in_the_source_folder_is_not_up_to_date(tmp_path, ingested):
+    """Bug caught: ingest's identity covering the source's paths but not its files, so a file added to a parquet
+    folder after a finished ingest is silently ignored ("up to date") and shifts shard ids on a resume.
+    Chosen behaviour: refuse in one line (the user reruns with --overwrite), never report up to date."""
+    from data_prep.sources import serve_synthetic
+
+    cfg0, _ = ingested
+    folder = tmp_path / "urls"
+    folder.mkdir()
+    with serve_synthetic(cfg0.source, slow_s=2) as base:
+        _parquet(folder / "a.parquet", URL=[f"{base}/img/{i}.jpg" for i in range(2)], TEXT=["one", "two"])
+        cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{folder}]")
+        assert run_stage("ingest", cfg)["counts"] == {"success": 2}
+        _parquet(folder / "b.parquet", URL=[f"{base}/img/{i}.jpg" for i in range(2, 4)], TEXT=["three", "four"])
+        with pytest.raises(StageError, match="--overwrite") as e:
+            run_stage("ingest", cfg)
+        assert "\n" not in str(e.value)
+        assert run_stage("ingest", cfg, overwrite=True)["counts"] == {"success": 4}
+
+
+def test_parallelism_knobs_are_not_identity():
+    """Bug caught: threads/processes/batch sizes/actors in the output's identity, so a killed run resumed with
+    other parallelism is refused (and --overwrite throws its finished work away)."""
+    from flows.registry import stage
+    from ldm.stage import config_of
+
+    base = make_config("w")
+    knobs = make_config(
+        "w", "ingest.threads=3", "ingest.processes=2", "ingest.timeout_s=30", "precompute.actors=3",
+        "precompute.batch_size=7", "precompute.object_store_mb=1024", "filter.batch_size=5",
+    )  # fmt: skip
+    for name in ("ingest", "filter", "precompute"):
+        assert config_of(stage(name), knobs) == config_of(stage(name), base), name
+    assert config_of(stage("precompute"), make_config("w", "precompute.half=false")) != config_of(
+        stage("precompute"), base
+    )  # half precision changes the latents: identity

@@ -198,7 +198,8 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
     proc.wait()
     kept = {p.name: pq.read_table(p) for p in _parts(workdir)}
     assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
-    resumed = run_stage("precompute", make_config(workdir, *overrides))
+    # resumed with other parallelism (bug caught: knobs in the identity refuse the resume)
+    resumed = run_stage("precompute", make_config(workdir, "precompute.batch_size=4", "precompute.actors=2"))
     assert resumed["parts_resumed"] == len(kept) < len(resumed["parts"]) == 4 * len(m["parts"])
     reference = {p.name: pq.read_table(p).to_pylist() for p in _parts(cfg.workdir)}
     for name, table in kept.items():  # every part the killed run left matches an uninterrupted run's
@@ -254,3 +255,22 @@ def test_precompute_joins_the_cluster_named_by_ray_address(latents, tmp_path):
     finally:  # the head's GCS, raylet and workers share its process group
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+
+
+def test_a_sample_without_scores_or_caption_is_refused(tmp_path):
+    """Bug caught: a missing aesthetic/similarity score stored as NaN, a missing caption as "" (silently)."""
+    from data_prep.precompute.encoders import MissingField, shard_rows
+    from ldm.io.shards import write_shard
+
+    url = str(tmp_path / "00000.tar")
+    good = {"key": "k0", "jpg": b"x", "txt": "a cat", "json": {"aesthetic": 5.0, "similarity": 0.3}}
+    for sample, what in [
+        ({**good, "key": "k1", "json": {"similarity": 0.3}}, "aesthetic score"),
+        ({**good, "key": "k1", "json": {"aesthetic": 5.0}}, "similarity score"),
+        ({k: v for k, v in {**good, "key": "k1"}.items() if k != "txt"}, "caption"),
+    ]:
+        write_shard(url, [good, sample])
+        with pytest.raises(MissingField, match=f"{url} sample k1 has no {what}"):
+            shard_rows({"name": "00000", "url": url})
+    write_shard(url, [good])
+    assert shard_rows({"name": "00000", "url": url})[0]["aesthetic"] == 5.0
