@@ -210,7 +210,11 @@ def test_unreadable_shard_is_skipped_and_counted(ingested, tracking, tmp_path):
     raw_cfg, _ = ingested
     make_filtered_standin(raw_cfg.workdir, tmp_path, corrupt=True)
     cfg = make_config(tmp_path, "vae.steps=2", "vae.block_channels=[8,8,8]", tracking)
+    # Bug caught: a stage that trains on what it could read and commits as if nothing was lost.
+    with pytest.warns(UserWarning, match="skipping unreadable shard"), pytest.raises(StageError, match="99999.tar"):
+        run_stage("train-vae", cfg)
+    assert not (tmp_path / "models" / "vae" / "manifest.json").exists()
     with pytest.warns(UserWarning, match="skipping unreadable shard"):
-        m = run_stage("train-vae", cfg)
-    assert m["skipped_shards"] == 1 and "99999.tar" in m["skipped"][0]
+        m = run_stage("train-vae", cfg, allow_partial=True)
+    assert m["skipped_shards"] == 1 and "99999.tar" in m["skipped"][0] and m["partial"] is True
     assert m["train_images"] == 120
