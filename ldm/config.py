@@ -195,6 +195,11 @@ class ComputeConfig(Section):
     use_gpu: bool = False
     num_workers: int = Field(2, ge=1)
     ray_address: str | None = Field(None, description="existing Ray cluster; None = start a local one")
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="names of environment variables sent to a remote Ray cluster (opt-in: none by default; "
+        "a remote cluster should have its own credentials); a locally started cluster inherits the environment",
+    )
 
 
 class PipelineConfig(Section):

@@ -1,10 +1,22 @@
-"""Connect to the profile's Ray cluster, or start a local one sized to this machine."""
+"""Connect to the profile's Ray cluster, or start a local one sized to this machine.
+
+Nothing from this process's environment is sent to a remote cluster unless `compute.forward_env`
+names it: a job's `runtime_env` is shown on the cluster's dashboard and kept in its job table, and
+the cluster should reach S3 with its own credentials (IAM role, mounted secret). A locally started
+cluster needs nothing sent: its processes are started from this one and inherit its environment.
+"""
 
 from __future__ import annotations
 
 import os
 
 from ldm.config import PipelineConfig
+
+
+def runtime_env(cfg: PipelineConfig) -> dict:
+    """The runtime_env for a remote cluster: only the set variables that compute.forward_env names."""
+    env_vars = {k: os.environ[k] for k in cfg.compute.forward_env if k in os.environ}
+    return {"env_vars": env_vars} if env_vars else {}
 
 
 def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
@@ -16,9 +28,11 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
-        env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))}}
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=False)
+            env = runtime_env(cfg)
+            if env:  # names only: the values stay out of logs
+                print(f"ray: sending {', '.join(sorted(env['env_vars']))} to the cluster (compute.forward_env)")
+            ray.init(address=address, runtime_env=env or None, log_to_driver=False)
         else:
             ray.init(
                 address="local",  # a new cluster: never attach to one a stale /tmp/ray/ray_current_cluster names
@@ -27,6 +41,5 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
                 object_store_memory=object_store_mb * 1024 * 1024,
                 include_dashboard=False,
                 log_to_driver=False,
-                runtime_env=env,
             )
     return ray.cluster_resources()

@@ -78,31 +78,34 @@ def _progress(shards_url: str, total: int, stderr_fd: int, interval: float = 0.5
 def _download(cfg: PipelineConfig, input_url: str, shards_url: str, extras: list[str]) -> None:
     from img2dataset import download  # heavy import, only when a download runs
 
+    from data_prep.ingest.fetch import guarded_downloads
+
     ic = cfg.ingest
-    download(
-        url_list=input_url,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=extras or None,
-        output_folder=shards_url,
-        output_format="webdataset",
-        image_size=ic.resolution,
-        resize_mode=ic.resize_mode,
-        encode_format="jpg",
-        encode_quality=ic.encode_quality,
-        max_image_area=ic.max_image_area,
-        processes_count=ic.processes,
-        thread_count=ic.threads,
-        number_sample_per_shard=ic.samples_per_shard,
-        timeout=ic.timeout_s,
-        retries=ic.retries,
-        extract_exif=False,
-        enable_wandb=False,
-        incremental_mode="incremental",
-        oom_shard_count=OOM_SHARD_COUNT,
-        disallowed_header_directives=["noai", "noimageai"],
-    )
+    with guarded_downloads(ic.url_policy):  # every hop checked, every connection pinned (fetch.py)
+        download(
+            url_list=input_url,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=extras or None,
+            output_folder=shards_url,
+            output_format="webdataset",
+            image_size=ic.resolution,
+            resize_mode=ic.resize_mode,
+            encode_format="jpg",
+            encode_quality=ic.encode_quality,
+            max_image_area=ic.max_image_area,
+            processes_count=ic.processes,
+            thread_count=ic.threads,
+            number_sample_per_shard=ic.samples_per_shard,
+            timeout=ic.timeout_s,
+            retries=ic.retries,
+            extract_exif=False,
+            enable_wandb=False,
+            incremental_mode="incremental",
+            oom_shard_count=OOM_SHARD_COUNT,
+            disallowed_header_directives=["noai", "noimageai"],
+        )
 
 
 def ingest(run: StageRun) -> dict:

@@ -9,6 +9,11 @@ from ldm.io import storage
 
 # (substring of img2dataset's error message, outcome); first match wins, checked in lower case.
 PATTERNS: tuple[tuple[str, str], ...] = (
+    # Refusals by the guarded opener (data_prep/ingest/fetch.py): before "http error" and "timeout".
+    ("url guard: redirect", "blocked_redirect"),
+    ("redirection to url", "blocked_redirect"),  # urllib's own refusal of a redirect to file:// and the like
+    ("url guard: unresolvable", "dns_error"),
+    ("url guard:", "blocked_rebind"),  # the worker's answer for a name failed the policy the driver's passed
     ("http error", "http_error"),
     ("timed out", "timeout"),
     ("timeout", "timeout"),

@@ -62,51 +62,59 @@ def _host(url: str) -> tuple[str | None, str | None]:
 
 
 class UrlGuard:
-    """Checks URLs against a policy; host resolutions are cached and can be done in bulk."""
+    """Checks URLs against a policy; host resolutions are cached and can be done in bulk.
+
+    `pinned(host)` also returns the addresses that were checked, so a connection can be made to exactly
+    those (see data_prep/ingest/fetch.py) instead of resolving the name a second time.
+    """
 
     def __init__(self, policy: str, resolver: Resolver = resolve):
         if policy not in ("public", "loopback"):
             raise ValueError(f"unknown url policy {policy!r}")
         self.policy = policy
         self.resolver = resolver
-        self._verdicts: dict[str, str | None] = {}
+        self._checked: dict[str, tuple[str | None, tuple[str, ...]]] = {}
+
+    def pinned(self, host: str) -> tuple[str | None, tuple[str, ...]]:
+        """(why the host must not be fetched or None, the checked addresses a connection may use)."""
+        if host in self._checked:
+            return self._checked[host]
+        # Keep and return this call's own answer: another thread may store a different one meanwhile.
+        result = self._checked[host] = self._check_host(host)
+        return result
 
     def host_verdict(self, host: str) -> str | None:
         """Why a host must not be fetched under the policy, or None."""
-        if host in self._verdicts:
-            return self._verdicts[host]
-        verdict = self._host_verdict(host)
-        self._verdicts[host] = verdict
-        return verdict
+        return self.pinned(host)[0]
 
-    def _host_verdict(self, host: str) -> str | None:
+    def _check_host(self, host: str) -> tuple[str | None, tuple[str, ...]]:
         if self.policy == "loopback":
-            return None if host == "127.0.0.1" else "not_loopback"
+            return (None, ("127.0.0.1",)) if host == "127.0.0.1" else ("not_loopback", ())
         if host.lower().rstrip(".") in METADATA_HOSTS:
-            return "cloud_metadata"
+            return "cloud_metadata", ()
         try:
             addresses = [ipaddress.ip_address(host)]
         except ValueError:
             try:
                 addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in self.resolver(host)]
             except (OSError, UnicodeError, ValueError):
-                return "unresolvable"
+                return "unresolvable", ()
             if not addresses:
-                return "unresolvable"
+                return "unresolvable", ()
         for ip in addresses:  # every address must be safe: a host may resolve to several
             verdict = address_verdict(ip)
             if verdict:
-                return verdict
-        return None
+                return verdict, ()
+        return None, tuple(str(ip) for ip in addresses)
 
     def prefetch(self, urls: Iterable[str], threads: int = 32) -> None:
         """Resolve the distinct hosts of many URLs in parallel, filling the cache."""
-        hosts = {h for h, reason in map(_host, urls) if h and h not in self._verdicts}
+        hosts = {h for h, reason in map(_host, urls) if h and h not in self._checked}
         if self.policy == "loopback" or not hosts:
             return
         with ThreadPoolExecutor(threads) as pool:
-            for host, verdict in zip(hosts, pool.map(self._host_verdict, hosts), strict=True):
-                self._verdicts[host] = verdict
+            for host, result in zip(hosts, pool.map(self._check_host, hosts), strict=True):
+                self._checked[host] = result
 
     def check(self, url: str) -> str | None:
         """Why a URL must not be fetched, or None when it may be."""
