@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from ldm.config import PipelineConfig
+from ldm.io.manifest import StageError
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Refuse a host:port Ray address nothing listens on (ray.init would retry it for minutes, then trace back)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise StageError(
+            f"cannot reach the Ray cluster at {address} (RAY_ADDRESS or compute.ray_address): {e.strerror or e}; "
+            "start it (ray start --head) or unset both to start a local cluster"
+        ) from None
 
 
 def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
@@ -18,6 +34,7 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
         address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
         env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))}}
         if address:
+            check_reachable(address)
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         else:
             ray.init(

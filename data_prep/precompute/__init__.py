@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from data_prep.precompute.encoders import (
     TextEmbedder,
@@ -26,6 +27,7 @@ from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.latents import part_bytes
 from ldm.io.manifest import StageError
+from ldm.io.shards import ShardError
 from ldm.ray_cluster import ensure_ray
 from ldm.stage import StageRun
 
@@ -146,6 +148,36 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
     )  # fmt: skip
     pending: dict[str, list[dict]] = defaultdict(list)
     written = 0
+    try:
+        written = _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending)
+    except Exception as e:  # a Ray task's error arrives wrapped (RayTaskError, UserCodeException): name the cause
+        cause = root_cause(e)
+        if isinstance(cause, ShardError):
+            what = f"unreadable filtered shard {cause}"
+            raise StageError(f"precompute: {what}; rerun the filter stage with --overwrite") from e
+        if isinstance(cause, StageError | UnidentifiedImageError):
+            raise StageError(f"precompute: {' '.join(str(cause).split())}") from e
+        raise
+    if pending:
+        raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
+    return written
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error under Ray's wrappers (`.cause` of RayTaskError, the chained cause of the rest)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending) -> int:
+    """Drain the dataset; write each shard's part as soon as all its rows arrived. Returns rows written."""
+    written = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["key"])
         for i in range(n):
@@ -158,6 +190,4 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
             data = part_bytes(pending.pop(name), shape, text_dim)
             storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
             written += expected[name]
-    if pending:
-        raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
     return written
