@@ -61,6 +61,8 @@ def precompute(run: StageRun) -> dict:
     if not expected:
         raise StageError(f"{workdir.filtered_shards} holds no shards to precompute")
     t0 = time.time()
+    for name in sorted(expected):  # before Ray starts: a cut shard is then one line, not a Ray task's trace
+        _check_tar_end(storage.join(workdir.filtered_shards, f"{name}.tar"))
     resources = ensure_ray(cfg, cfg.precompute.object_store_mb)
     run.begin()
     done = {u.rsplit("/", 1)[1].removesuffix(".parquet") for u in storage.listdir(parts_url, "*.parquet")}
@@ -157,10 +159,33 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
             raise StageError(f"precompute: {what}; rerun the filter stage with --overwrite") from e
         if isinstance(cause, StageError | UnidentifiedImageError):
             raise StageError(f"precompute: {' '.join(str(cause).split())}") from e
+        # The cause's chain does not survive Ray's pickling; its "ShardError: ..." line does, in the text.
+        found = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("ldm.io.shards.ShardError: ")]
+        if found:
+            what = found[-1].removeprefix("ldm.io.shards.ShardError: ")
+            raise StageError(
+                f"precompute: unreadable filtered shard {what}; rerun the filter stage with --overwrite"
+            ) from e
         raise
     if pending:
         raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
     return written
+
+
+def _check_tar_end(url: str) -> None:
+    """Refuse a missing or truncated tar in O(1): whole 512-byte blocks ending in the end-of-archive marker."""
+    fs, path = storage.fs_for(url)
+    if not fs.exists(path):
+        raise StageError(f"precompute: filtered shard {url} is missing; rerun the filter stage with --overwrite")
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size % 512 or size < 1024 or tail.strip(b"\0"):
+        raise StageError(
+            f"precompute: filtered shard {url} is truncated ({size} bytes, no end-of-archive marker); "
+            "rerun the filter stage with --overwrite"
+        )
 
 
 def root_cause(e: BaseException) -> BaseException:
