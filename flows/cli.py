@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from flows.registry import STAGES, run
 from ldm.config import ConfigError, load_config, to_yaml
 from ldm.io.manifest import StageError
+from ldm.io.storage import StorageError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -21,6 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config value; repeatable",
     )
     p.add_argument("--workdir", default=None, help="root URL of all outputs (file:// or s3://)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,23 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error under wrappers: Ray's RayTaskError (`.cause`) and explicit `raise ... from`."""
+    seen = set()
+    while id(e) not in seen and not isinstance(e, StageError | StorageError):
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def describe(e: BaseException) -> str:
+    """One line for the user: what went wrong (the file, bucket or address) and what to do."""
+    cause = root_cause(e)
+    kind = type(cause).__name__
+    if isinstance(cause, StageError | StorageError):
+        return _one_line(cause)
+    if isinstance(cause, FileNotFoundError):
+        return f"{cause.filename or _one_line(cause)} does not exist; check the path in the config or --set it"
+    if isinstance(cause, PermissionError):
+        return f"permission denied on {cause.filename or _one_line(cause)}; check its permissions or credentials"
+    if type(cause).__module__.split(".")[0] in ("botocore", "s3fs", "aiobotocore"):
+        return f"S3 request failed ({kind}: {_one_line(cause)}); check the bucket, credentials and AWS_ENDPOINT_URL"
+    if isinstance(cause, ConnectionError) or kind == "ConnectionError":  # Ray raises the builtin one
+        return f"cannot connect ({_one_line(cause)}); check RAY_ADDRESS / compute.ray_address"
+    return f"{kind}: {_one_line(cause)} (rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `ldm` console script."""
+    """Entry point of the `ldm` console script; every failure ends as one line on stderr (2 config, 1 stage)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.profile, args.overrides, args.workdir)
     except ConfigError as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"ldm: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
         sys.stdout.write(to_yaml(cfg))
         return 0
     names = [args.name] if args.command == "stage" else [s.name for s in STAGES]
+    name = names[0]
     try:
         for name in names:
             run(name, cfg, args.overwrite, args.allow_partial)
-    except StageError as e:
-        print(f"ldm: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the one error path: every stage failure becomes one line
+        if args.debug:
+            traceback.print_exc()
+        msg = describe(e).removeprefix(f"{name}: ")  # many StageErrors already name their stage
+        print(f"ldm: {name}: {msg}", file=sys.stderr)
         return 1
     return 0
 

@@ -224,6 +224,60 @@ class PipelineConfig(Section):
             raise ValueError("must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _components_fit(self) -> PipelineConfig:
+        # Refused here, before any stage runs, rather than in train-clip after ingest has run.
+        check_resolution(self.ingest.resolution, self.clip, self.vae)
+        return self
+
+
+def check_resolution(resolution: int, clip: ClipConfig, vae: VaeConfig) -> None:
+    """Refuse an ingest.resolution the tiny CLIP's vision tower or the trained VAE cannot take whole."""
+    if clip.arch == "tiny":  # a named arch resizes to its own image size, so any resolution works
+        # ModifiedResNet downsamples 32x before its attention pool; a ViT cuts the image into patches.
+        step, why = (32, "clip.vision=resnet downsamples 32x") if clip.vision == "resnet" else (
+            clip.patch_size, f"clip.patch_size is {clip.patch_size}")  # fmt: skip
+        if resolution % step:
+            raise ValueError(
+                f"ingest.resolution {resolution} is not a multiple of {step} ({why}); "
+                f"use {max(step, resolution // step * step)} or {(resolution // step + 1) * step}"
+            )
+    if vae.path is None and resolution % vae.downsample:  # a given VAE's factor is only known from its folder
+        raise ValueError(
+            f"ingest.resolution {resolution} is not a multiple of vae.downsample {vae.downsample}; "
+            "the latents would not cover the image"
+        )
+
+
+def clip_embed_width(clip: ClipConfig) -> int | None:
+    """The CLIP's image-embedding width as far as config tells: clip.embed_dim, or the named arch's JSON."""
+    if clip.arch == "tiny":
+        return clip.embed_dim
+    import importlib.util  # open_clip's model configs are JSON files: read without importing torch
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(folder) / "model_configs" / f"{clip.arch}.json"
+        if f.is_file():
+            return int(json.loads(f.read_text())["embed_dim"])
+    return None
+
+
+def check_aesthetic_width(clip: ClipConfig, mlp_width: int | None) -> None:
+    """Refuse an aesthetic MLP whose input width differs from the (scorer) CLIP's embedding width.
+
+    Today the MLP's width is no config field: a trained MLP takes the CLIP's width and a given one's
+    is only in its weights file (load_aesthetic refuses it at stage start). Call this at config load
+    wherever both widths are known from config (the scorer-CLIP / text-encoder split).
+    """
+    clip_width = clip_embed_width(clip)
+    if mlp_width is not None and clip_width is not None and mlp_width != clip_width:
+        raise ValueError(
+            f"the aesthetic MLP takes {mlp_width}-d embeddings but clip.arch {clip.arch} makes {clip_width}-d; "
+            "use the MLP trained for this CLIP (or unset aesthetic.weights to train one)"
+        )
+
 
 class ConfigError(ValueError):
     """A config problem, with the dotted path of the field at fault."""
@@ -270,7 +324,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 def _first_error(err: ValidationError) -> ConfigError:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("synthetic", "parquet")))
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")  # a validator's own message is already the reason
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):

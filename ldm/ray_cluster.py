@@ -9,8 +9,24 @@ cluster needs nothing sent: its processes are started from this one and inherit 
 from __future__ import annotations
 
 import os
+import socket
 
 from ldm.config import PipelineConfig
+from ldm.io.manifest import StageError
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Refuse a host:port Ray address nothing listens on (ray.init would retry it for minutes, then trace back)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise StageError(
+            f"cannot reach the Ray cluster at {address} (RAY_ADDRESS or compute.ray_address): {e.strerror or e}; "
+            "start it (ray start --head) or unset both to start a local cluster"
+        ) from None
 
 
 def runtime_env(cfg: PipelineConfig) -> dict:
@@ -29,6 +45,7 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
         if address:
+            check_reachable(address)
             env = runtime_env(cfg)
             if env:  # names only: the values stay out of logs
                 print(f"ray: sending {', '.join(sorted(env['env_vars']))} to the cluster (compute.forward_env)")

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.filter.report import GOOD_RATING, histogram_png, precision_recall
@@ -20,6 +21,7 @@ from ldm.aesthetic.stage import load_scorer
 from ldm.clip.encoder import load_encoder
 from ldm.config import FilterConfig
 from ldm.io import storage
+from ldm.io.manifest import StageError
 from ldm.io.shards import ShardError, decode_rgb, read_shard, shard_urls, write_shard
 from ldm.stage import StageRun
 from ldm.tracking import mlflow_run
@@ -74,11 +76,22 @@ def _pause_point(name: str, written: str) -> None:
         time.sleep(3600)
 
 
+def _decode(sample: dict, tar_url: str, resolution: int) -> np.ndarray:
+    """One sample's image, or a StageError naming the shard and the key (ingest only writes decodable images)."""
+    try:
+        return decode_rgb(sample["jpg"], resolution)
+    except (KeyError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise StageError(
+            f"filter: sample {sample.get('key')!r} in {tar_url} has no decodable jpg ({type(e).__name__}: {e}); "
+            "remove the shard or rerun the ingest stage with --overwrite"
+        ) from e
+
+
 def filter_shard(tar_url: str, shards_out: str, scorer: Scorer, fcfg: FilterConfig) -> dict:
     """Score one raw shard; write its kept samples, every sample's scores, then its stats (the done marker)."""
     samples = read_shard(tar_url)
     name = tar_url.rsplit("/", 1)[1].removesuffix(".tar")
-    images = np.stack([decode_rgb(s["jpg"], scorer.resolution) for s in samples]) if samples else np.zeros(0)
+    images = np.stack([_decode(s, tar_url, scorer.resolution) for s in samples]) if samples else np.zeros(0)
     aesthetic, similarity = scorer(images, [s.get("txt", "") for s in samples])
     kept, rows = [], []
     for s, a, c in zip(samples, aesthetic.tolist(), similarity.tolist(), strict=True):
@@ -132,7 +145,7 @@ def filter_stage(run: StageRun) -> dict:
     fs, out_path = storage.fs_for(shards_out)
     done = {p.rsplit("/", 1)[1].removesuffix("_stats.json") for p in fs.glob(f"{out_path}/*_stats.json")}
     skipped: list[str] = []
-    for url in tqdm(raw_shards, desc="filter", unit="shard"):
+    for url in tqdm(raw_shards, desc="filter", unit="shard", disable=None):
         if url.rsplit("/", 1)[1].removesuffix(".tar") in done:
             continue
         try:
@@ -170,8 +183,6 @@ def filter_stage(run: StageRun) -> dict:
     with mlflow_run(cfg, STAGE, run.config) as mlf:
         mlf.log_metrics(metrics)
         mlf.log_dict(report, "filter_report.json")
-        from PIL import Image
-
         mlf.log_image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), "scores.png")
     fs, out_path = storage.fs_for(shards_out)  # a fresh listing: the shards were written since
     stats = {

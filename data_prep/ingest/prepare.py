@@ -93,6 +93,10 @@ def inspect_inputs(paths: list[str], columns: Columns) -> list[InputFile]:
                     f"{url} has no {role} column {name!r} (columns: {', '.join(names)}); "
                     f"set ingest.columns.{role} to the right name"
                 )
+        url_type = meta.schema.to_arrow_schema().field(columns.url).type
+        if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type)):
+            raise StageError(f"{url}: URL column {columns.url!r} holds {url_type}, not strings; "
+                             "set ingest.columns.url to the column of URLs")  # fmt: skip
         inputs.append(InputFile(url, meta.num_rows, [c for c in columns.extra if c in names]))
     if sum(i.rows for i in inputs) == 0:
         raise StageError(f"the URL list is empty: {', '.join(i.url for i in inputs) or 'no files'}")

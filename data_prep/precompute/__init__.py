@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from data_prep.precompute.encoders import (
     TextEmbedder,
@@ -27,6 +28,7 @@ from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.latents import part_bytes
 from ldm.io.manifest import StageError
+from ldm.io.shards import ShardError
 from ldm.ray_cluster import ensure_ray
 from ldm.stage import StageRun
 
@@ -60,6 +62,8 @@ def precompute(run: StageRun) -> dict:
     if not expected:
         raise StageError(f"{workdir.filtered_shards} holds no shards to precompute")
     t0 = time.time()
+    for name in sorted(expected):  # before Ray starts: a cut shard is then one line, not a Ray task's trace
+        _check_tar_end(storage.join(workdir.filtered_shards, f"{name}.tar"))
     resources = ensure_ray(cfg, cfg.precompute.object_store_mb)
     run.begin()
     done = {u.rsplit("/", 1)[1].removesuffix(".parquet") for u in storage.listdir(parts_url, "*.parquet")}
@@ -148,30 +152,71 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
     pending: dict[str, list[dict]] = defaultdict(list)
     written = 0
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            written += _write_complete(batch, pending, expected, parts_url, shape, text_dim, scale, cfg)
-    except Exception as e:  # a refusal raised inside a Ray task reaches the driver wrapped in Ray's error
-        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))
+        written = _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending)
+    except Exception as e:  # a Ray task's error arrives wrapped (RayTaskError, UserCodeException): name the cause
+        cause = root_cause(e)
+        if isinstance(cause, ShardError):
+            what = f"unreadable filtered shard {cause}"
+            raise StageError(f"precompute: {what}; rerun the filter stage with --overwrite") from e
+        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))  # a row refused inside a task
         if found:
             raise StageError(found.group(0)) from None
+        if isinstance(cause, StageError | UnidentifiedImageError):
+            raise StageError(f"precompute: {' '.join(str(cause).split())}") from e
+        # The cause's chain does not survive Ray's pickling; its "ShardError: ..." line does, in the text.
+        found = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("ldm.io.shards.ShardError: ")]
+        if found:
+            what = found[-1].removeprefix("ldm.io.shards.ShardError: ")
+            raise StageError(
+                f"precompute: unreadable filtered shard {what}; rerun the filter stage with --overwrite"
+            ) from e
         raise
     if pending:
         raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
     return written
 
 
-def _write_complete(batch, pending, expected, parts_url, shape, text_dim, scale, cfg) -> int:
-    """Add a batch's rows to their shards; write each shard whose rows all arrived; rows written."""
+def _check_tar_end(url: str) -> None:
+    """Refuse a missing or truncated tar in O(1): whole 512-byte blocks ending in the end-of-archive marker."""
+    fs, path = storage.fs_for(url)
+    if not fs.exists(path):
+        raise StageError(f"precompute: filtered shard {url} is missing; rerun the filter stage with --overwrite")
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size % 512 or size < 1024 or tail.strip(b"\0"):
+        raise StageError(
+            f"precompute: filtered shard {url} is truncated ({size} bytes, no end-of-archive marker); "
+            "rerun the filter stage with --overwrite"
+        )
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error under Ray's wrappers (`.cause` of RayTaskError, the chained cause of the rest)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending) -> int:
+    """Drain the dataset; write each shard's part as soon as all its rows arrived. Returns rows written."""
     written = 0
-    n = len(batch["key"])
-    for i in range(n):
-        row = {k: batch[k][i] for k in ("shard", "key", "latent", "text_emb", "text_len", "caption",
-                                        "aesthetic", "similarity")}  # fmt: skip
-        row.update(scale_factor=scale, latent_is_sample=cfg.precompute.latent == "sample")
-        row["text_len"] = int(row["text_len"])
-        pending[str(row["shard"])].append(row)
-    for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
-        data = part_bytes(pending.pop(name), shape, text_dim)
-        storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
-        written += expected[name]
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch["key"])
+        for i in range(n):
+            row = {k: batch[k][i] for k in ("shard", "key", "latent", "text_emb", "text_len", "caption",
+                                            "aesthetic", "similarity")}  # fmt: skip
+            row.update(scale_factor=scale, latent_is_sample=cfg.precompute.latent == "sample")
+            row["text_len"] = int(row["text_len"])
+            pending[str(row["shard"])].append(row)
+        for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
+            data = part_bytes(pending.pop(name), shape, text_dim)
+            storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
+            written += expected[name]
     return written

@@ -34,7 +34,44 @@ def fs_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = url_to_fs(url)
     if not isinstance(fs, LocalFileSystem):
         fs.invalidate_cache(path)
+        if url.startswith(("s3://", "s3a://")):
+            _check_bucket(fs, path.split("/", 1)[0])
     return fs, path
+
+
+class StorageError(RuntimeError):
+    """An object store that cannot be used as configured (no bucket, no credentials, no endpoint): one line."""
+
+
+_buckets_seen: set[tuple[str, str]] = set()
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, bucket: str) -> None:
+    """Once per process and bucket: a missing bucket, absent credentials or a dead endpoint as one StorageError.
+
+    Otherwise a missing bucket reads as "no manifest yet" and fails only at the first write, deep in s3fs.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    key = (str(endpoint), bucket)
+    if key in _buckets_seen:
+        return
+    where = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{where}: the bucket does not exist; create it or fix the s3:// URL") from None
+    except PermissionError:
+        pass  # credentials that may read keys but not the bucket itself: let the real request decide
+    except Exception as e:  # botocore's errors, without importing botocore for local runs
+        name = type(e).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            raise StorageError(
+                f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            ) from e
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+            raise StorageError(f"{where}: cannot reach the S3 endpoint; check AWS_ENDPOINT_URL") from e
+        raise
+    _buckets_seen.add(key)
 
 
 def exists(url: str) -> bool:

@@ -73,7 +73,7 @@ def test_output_from_another_config_is_refused_and_left_untouched(ingested):
     cfg, _ = ingested
     raw = Path(cfg.workdir) / "raw"
     before = {p: p.stat().st_mtime_ns for p in raw.rglob("*")}
-    other = make_config(cfg.workdir, "ingest.resolution=16")
+    other = make_config(cfg.workdir, "ingest.resolution=64")
     with pytest.raises(StageError, match="different config .* --overwrite"):
         run_stage("ingest", other)
     assert {p: p.stat().st_mtime_ns for p in raw.rglob("*")} == before
@@ -82,10 +82,10 @@ def test_output_from_another_config_is_refused_and_left_untouched(ingested):
 def test_overwrite_replaces_output_from_another_config(tmp_path):
     cfg = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50")
     run_stage("ingest", cfg)
-    other = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50", "ingest.resolution=16")
+    other = make_config(tmp_path, "source.num_samples=20", "ingest.samples_per_shard=50", "ingest.resolution=64")
     manifest = run_stage("ingest", other, overwrite=True)
     assert manifest["counts"]["success"] == 20
-    assert {Image.open(io.BytesIO(s["jpg"])).size for s in raw_samples(str(tmp_path))} == {(16, 16)}
+    assert {Image.open(io.BytesIO(s["jpg"])).size for s in raw_samples(str(tmp_path))} == {(64, 64)}
 
 
 def _parquet(path: Path, **columns) -> str:
