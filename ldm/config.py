@@ -263,12 +263,14 @@ def open_clip_embed_dim(arch: str) -> int | None:
     Read without importing open_clip (which loads torch, and flows/ never does): the registry of an
     open_clip already imported in this process (it sees add_model_config), else the JSON the package ships.
     """
+    if ":" in arch or "/" in arch:  # hf-hub: / local-dir: names: open_clip would read (or download) them
+        return None
     loaded = sys.modules.get("open_clip")
     if loaded is not None:
         model_cfg = loaded.get_model_config(arch)
         return int(model_cfg["embed_dim"]) if model_cfg else None
     spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations or "/" in arch:
+    if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json"
     return int(json.loads(path.read_text())["embed_dim"]) if path.is_file() else None
