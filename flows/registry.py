@@ -32,6 +32,16 @@ def _vae_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
     return () if cfg.vae.path else ("filter",)
 
 
+def _precompute_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    # The text encoder comes from train-clip only when it is the `clip` model; else from its own file.
+    return ("filter", "train-vae", "train-clip") if cfg.text_encoder.same_as_clip else ("filter", "train-vae")
+
+
+def _precompute_weights(cfg: PipelineConfig) -> dict[str, str]:
+    te = cfg.text_encoder
+    return {"text_encoder.weights": te.weights} if not te.same_as_clip and te.weights else {}
+
+
 def _vae_weights(cfg: PipelineConfig) -> dict[str, str]:
     return {"vae.path": cfg.vae.path} if cfg.vae.path else {}
 
@@ -77,10 +87,11 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="precompute",
-        fields=("precompute", "ingest.resolution", "seed"),
+        fields=("precompute", "text_encoder", "ingest.resolution", "seed"),
         work="data_prep.precompute:precompute",
         summary="data_prep.precompute:summary",
-        inputs=lambda cfg: ("filter", "train-vae", "train-clip"),
+        inputs=_precompute_inputs,
+        weights=_precompute_weights,
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # A knob: a setting that changes how fast or where a stage runs, not what it writes. Stages leave knobs
 # out of their output's identity (ldm/stage.py), so a killed run resumes under other parallelism.
@@ -109,10 +113,43 @@ class ClipConfig(Section):
     eval_samples: int = Field(500, ge=100, description="held-out samples rendered for the retrieval report")
 
 
+class TextEncoderConfig(Section):
+    """The frozen text encoder the UNet is conditioned on (tau); SD 2 uses OpenCLIP ViT-H-14's text tower.
+
+    A different model from the filter's scorer CLIP in SD 2, so it has its own section.
+    """
+
+    arch: str | None = Field(
+        "same", description="'same' (or null): the `clip` model (the tiny one train-clip makes); or an open_clip name"
+    )
+    weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
+
+    @property
+    def same_as_clip(self) -> bool:
+        """Whether the text encoder is the `clip` section's model rather than a model of its own."""
+        return self.arch in (None, "same")
+
+    @model_validator(mode="after")
+    def _named_arch_needs_weights(self) -> TextEncoderConfig:
+        if self.arch == "tiny":
+            raise PydanticCustomError(
+                "text_encoder_arch", "text_encoder.arch 'tiny': use 'same' for the tiny CLIP train-clip makes"
+            )
+        if not self.same_as_clip and not self.weights:
+            raise PydanticCustomError(
+                "text_encoder_weights",
+                f"text_encoder.arch {self.arch!r} needs text_encoder.weights (a local open_clip checkpoint file)",
+            )
+        return self
+
+
 class AestheticConfig(Section):
     """The LAION aesthetic MLP on L2-normalised CLIP image embeddings."""
 
     weights: str | None = Field(None, description="e.g. sac+logos+ava1-l14-linearMSE.pth; None = trained")
+    input_size: int | None = Field(
+        None, ge=1, description="the MLP's input width (the public LAION MLP: 768); None = the scorer CLIP's width"
+    )
     epochs: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(256, ge=2)
@@ -210,6 +247,7 @@ class PipelineConfig(Section):
     source: Annotated[SyntheticSource | ParquetSource, Field(discriminator="kind")] = SyntheticSource()
     ingest: IngestConfig = IngestConfig()
     clip: ClipConfig = ClipConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
     aesthetic: AestheticConfig = AestheticConfig()
     filter: FilterConfig = FilterConfig()
     vae: VaeConfig = VaeConfig()
@@ -226,8 +264,9 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _components_fit(self) -> PipelineConfig:
-        # Refused here, before any stage runs, rather than in train-clip after ingest has run.
+        # Refused here, before any stage runs, rather than in train-clip or train-aesthetic after ingest has run.
         check_resolution(self.ingest.resolution, self.clip, self.vae)
+        check_aesthetic_width(self)
         return self
 
 
@@ -249,36 +288,6 @@ def check_resolution(resolution: int, clip: ClipConfig, vae: VaeConfig) -> None:
         )
 
 
-def clip_embed_width(clip: ClipConfig) -> int | None:
-    """The CLIP's image-embedding width as far as config tells: clip.embed_dim, or the named arch's JSON."""
-    if clip.arch == "tiny":
-        return clip.embed_dim
-    import importlib.util  # open_clip's model configs are JSON files: read without importing torch
-    import json
-
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(folder) / "model_configs" / f"{clip.arch}.json"
-        if f.is_file():
-            return int(json.loads(f.read_text())["embed_dim"])
-    return None
-
-
-def check_aesthetic_width(clip: ClipConfig, mlp_width: int | None) -> None:
-    """Refuse an aesthetic MLP whose input width differs from the (scorer) CLIP's embedding width.
-
-    Today the MLP's width is no config field: a trained MLP takes the CLIP's width and a given one's
-    is only in its weights file (load_aesthetic refuses it at stage start). Call this at config load
-    wherever both widths are known from config (the scorer-CLIP / text-encoder split).
-    """
-    clip_width = clip_embed_width(clip)
-    if mlp_width is not None and clip_width is not None and mlp_width != clip_width:
-        raise ValueError(
-            f"the aesthetic MLP takes {mlp_width}-d embeddings but clip.arch {clip.arch} makes {clip_width}-d; "
-            "use the MLP trained for this CLIP (or unset aesthetic.weights to train one)"
-        )
-
-
 class ConfigError(ValueError):
     """A config problem, with the dotted path of the field at fault."""
 
@@ -286,6 +295,40 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {reason}" if path else reason)
         self.path = path
         self.reason = reason
+
+
+def open_clip_embed_dim(arch: str) -> int | None:
+    """The embedding width of an open_clip architecture from its model config, or None if unknown.
+
+    Read without importing open_clip (which loads torch, and flows/ never does): the registry of an
+    open_clip already imported in this process (it sees add_model_config), else the JSON the package ships.
+    """
+    if ":" in arch or "/" in arch:  # hf-hub: / local-dir: names: open_clip would read (or download) them
+        return None
+    loaded = sys.modules.get("open_clip")
+    if loaded is not None:
+        model_cfg = loaded.get_model_config(arch)
+        return int(model_cfg["embed_dim"]) if model_cfg else None
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json"
+    return int(json.loads(path.read_text())["embed_dim"]) if path.is_file() else None
+
+
+def check_aesthetic_width(cfg: PipelineConfig) -> None:
+    """Refuse an aesthetic MLP whose input width differs from the scorer CLIP's embedding width, when both are known."""
+    want = cfg.aesthetic.input_size
+    if want is None:
+        return
+    have = cfg.clip.embed_dim if cfg.clip.arch == "tiny" else open_clip_embed_dim(cfg.clip.arch)
+    if have is not None and have != want:
+        # A custom error type: pydantic would prefix a ValueError's text with "Value error, ".
+        raise PydanticCustomError(
+            "aesthetic_width",
+            f"aesthetic.input_size {want} != the embedding width {have} of clip.arch {cfg.clip.arch!r}: "
+            "the MLP scores that CLIP's image embeddings (the public LAION MLP wants 768, OpenAI ViT-L-14)",
+        )
 
 
 def conf_dir() -> Path:

@@ -23,14 +23,14 @@ from data_prep.precompute.encoders import (
     vae_compute_dtype,
 )
 from ldm.autoencoder.model import load_vae
-from ldm.clip.encoder import load_encoder
+from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.latents import part_bytes
 from ldm.io.manifest import StageError
 from ldm.io.shards import ShardError
 from ldm.ray_cluster import ensure_ray
-from ldm.stage import StageRun
+from ldm.stage import StageRun, content_id
 
 STAGE = "precompute"
 
@@ -39,6 +39,9 @@ def _component_identities(run: StageRun) -> tuple[dict, dict]:
     """(VAE identity, text-encoder identity): where each came from and the hash of the stage that made it."""
     cfg = run.cfg
     vae = {"path": cfg.vae.path or run.workdir.output("train-vae"), "weights": run.inputs["train-vae"]["config_hash"]}
+    te = cfg.text_encoder
+    if not te.same_as_clip:  # its own model (SD 2: OpenCLIP ViT-H-14), identified by the file's content
+        return vae, {"arch": te.arch, "path": te.weights, "weights": content_id(str(te.weights))}
     text = {
         "arch": cfg.clip.arch,
         "path": cfg.clip.weights if cfg.clip.arch != "tiny" else run.workdir.output("train-clip"),
@@ -72,7 +75,7 @@ def precompute(run: StageRun) -> dict:
         print(f"precompute: resuming; {len(done)} of {len(expected)} parts already written")
     vae = load_vae(cfg)
     shape = (int(vae.config.latent_channels), *(cfg.ingest.resolution // cfg.vae.downsample,) * 2)
-    encoder = load_encoder(cfg)
+    encoder = load_text_encoder(cfg)
     text_dim, context_length, empty = encoder.token_width, encoder.context_length, _empty_prompt(encoder)
     scale = float(vae.config.scaling_factor)
     del vae, encoder  # the actors load their own copies

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ldm.autoencoder.model import load_vae
-from ldm.clip.encoder import load_encoder
+from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig
 from ldm.devices import bf16_inference
 from ldm.io.shards import decode_rgb, read_shard
@@ -116,12 +116,12 @@ class VaeLatentEncoder:
 
 
 class TextEmbedder:
-    """Encodes captions to per-token CLIP states, trimmed to each caption's true length; fp16 bytes per row."""
+    """Captions to the text encoder's per-token states, trimmed to each caption's true length; fp16 bytes per row."""
 
     def __init__(self, cfg_dict: dict[str, Any]):
         cfg = PipelineConfig.model_validate(cfg_dict)
         _threads(cfg.compute.use_gpu)
-        self.encoder = load_encoder(cfg)
+        self.encoder = load_text_encoder(cfg)
         if cfg.compute.use_gpu and torch.cuda.is_available():
             self.encoder.model.to("cuda").half()
 

@@ -1,8 +1,9 @@
-"""ClipEncoder: the frozen CLIP every later stage uses for image/text embeddings and SD 2 text conditioning."""
+"""ClipEncoder: the frozen CLIPs later stages use: the filter's scorer (`clip`) and the text encoder."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -134,6 +135,20 @@ class ClipEncoder:
 def clip_url(cfg: PipelineConfig) -> str:
     """Where train-clip writes the tiny model: W/models/clip."""
     return Workdir.of(cfg).output("train-clip")
+
+
+def load_text_encoder(cfg: PipelineConfig) -> ClipEncoder:
+    """The conditioning text encoder: text_encoder.arch from its local weights, or the `clip` model when 'same'."""
+    te = cfg.text_encoder
+    if te.same_as_clip:
+        return load_encoder(cfg)
+    weights = str(te.weights)
+    # Checked here so the message names the text_encoder fields, not clip.* as load_pretrained's would.
+    if not Path(weights.removeprefix("file://")).expanduser().is_file():
+        raise StageError(f"text_encoder.weights {weights} is not a local file (weights are never downloaded)")
+    if te.arch not in open_clip.list_models():
+        raise StageError(f"text_encoder.arch {te.arch!r} is not an open_clip architecture")
+    return ClipEncoder(load_pretrained(str(te.arch), weights))
 
 
 def load_encoder(cfg: PipelineConfig) -> ClipEncoder:

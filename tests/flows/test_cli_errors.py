@@ -21,7 +21,6 @@ import torch
 from flows.cli import main
 from flows.registry import run as run_stage
 from ldm.aesthetic.model import AestheticMLP
-from ldm.config import ClipConfig, check_aesthetic_width
 from ldm.io.shards import read_shard, write_shard
 from tests.helpers import free_port, make_config
 
@@ -73,13 +72,6 @@ def test_aesthetic_mlp_of_another_width_is_refused_at_stage_start(components, tm
     code, err = cli(capsys, wd, "train-aesthetic", "--set", f"aesthetic.weights={weights}")
     line = one_line(err)
     assert code == 1 and str(weights) in line and "input width 128" in line
-
-
-def test_aesthetic_width_check_at_config_load():
-    """The validator the scorer-CLIP split calls: ViT-H-14 makes 1024-d embeddings, the public MLP takes 768."""
-    with pytest.raises(ValueError, match="768-d .* ViT-H-14 makes 1024-d"):
-        check_aesthetic_width(ClipConfig(arch="ViT-H-14"), 768)
-    check_aesthetic_width(ClipConfig(arch="ViT-L-14"), 768)
 
 
 def test_resolution_the_clip_cannot_take_is_refused_at_config_load(tmp_path, capsys):

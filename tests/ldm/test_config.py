@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -22,6 +24,46 @@ def test_prod_profile_is_laion_scale_with_local_weights():
     assert cfg.ingest.url_policy == "public" and cfg.compute.use_gpu
     assert cfg.clip.weights and cfg.aesthetic.weights and cfg.vae.path  # weights by path, never a hub name
     assert {"similarity", "pwatermark", "punsafe"} <= set(cfg.ingest.columns.extra)
+
+
+def test_prod_scorer_and_text_encoder_are_sd2s_two_clips():
+    """Catches prod naming one CLIP for both jobs (ViT-H-14's 1024-d embeddings into the 768-d LAION MLP).
+
+    Widths come from the model configs open_clip ships, so a renamed arch is checked, not trusted.
+    """
+    import open_clip
+
+    cfg = load_config("prod")
+    scorer, tau = open_clip.get_model_config(cfg.clip.arch), open_clip.get_model_config(cfg.text_encoder.arch)
+    assert scorer["embed_dim"] == cfg.aesthetic.input_size == 768  # the public MLP's input width
+    assert scorer.get("quick_gelu")  # OpenAI's ViT-L/14, which the LAION MLP was fitted on, uses QuickGELU
+    assert cfg.text_encoder.arch == "ViT-H-14" and tau["text_cfg"]["width"] == 1024  # SD 2's conditioning width
+    assert cfg.text_encoder.weights and cfg.text_encoder.weights != cfg.clip.weights
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["clip.arch=ViT-H-14"], "aesthetic.input_size 768 != the embedding width 1024 of clip.arch 'ViT-H-14'"),
+        (["aesthetic.input_size=1024"], "aesthetic.input_size 1024 != the embedding width 768 of clip.arch"),
+    ],
+)
+def test_aesthetic_width_must_match_the_scorer_clip(overrides, expected):
+    """Catches a prod profile that would only fail at train-aesthetic, after ingest and train-clip ran."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config("prod", overrides)
+
+
+def test_tiny_scorer_width_is_checked_and_unset_width_follows_the_clip():
+    with pytest.raises(ConfigError, match="aesthetic.input_size 768 != the embedding width 128 of clip.arch 'tiny'"):
+        load_config("local", ["aesthetic.input_size=768"])
+    assert load_config("local", ["aesthetic.input_size=128"]).aesthetic.input_size == 128
+    assert load_config("local").text_encoder.same_as_clip
+
+
+def test_named_text_encoder_needs_weights():
+    with pytest.raises(ConfigError, match="text_encoder.arch 'ViT-H-14' needs text_encoder.weights"):
+        load_config("local", ["text_encoder.arch=ViT-H-14"])
 
 
 def test_overrides_are_typed_and_workdir_wins():
