@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -267,6 +268,7 @@ class PipelineConfig(Section):
         # Refused here, before any stage runs, rather than in train-clip or train-aesthetic after ingest has run.
         check_resolution(self.ingest.resolution, self.clip, self.vae)
         check_aesthetic_width(self)
+        check_no_credentials(self)
         return self
 
 
@@ -314,6 +316,30 @@ def open_clip_embed_dim(arch: str) -> int | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json"
     return int(json.loads(path.read_text())["embed_dim"]) if path.is_file() else None
+
+
+# scheme://user:password@host: a password written into a URL
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
+
+
+def _strings(node: Any, path: str = "") -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _strings(v, f"{path}.{k}" if path else k)]
+    if isinstance(node, list):
+        return [s for i, v in enumerate(node) for s in _strings(v, f"{path}[{i}]")]
+    return [(path, node)] if isinstance(node, str) else []
+
+
+def check_no_credentials(cfg: PipelineConfig) -> None:
+    """Refuse a URL carrying a password in any field: the config is printed, recorded in every manifest
+    and logged as MLflow params, so credentials must come from the environment instead."""
+    for path, value in _strings(cfg.model_dump(mode="json")):
+        if _URL_PASSWORD.match(value):
+            raise PydanticCustomError(
+                "credential",
+                f"{path} has a password in its URL; the config is printed, recorded in manifests and logged to "
+                "MLflow, so pass credentials in the environment instead (AWS_*, MLFLOW_TRACKING_USERNAME/_PASSWORD)",
+            )
 
 
 def check_aesthetic_width(cfg: PipelineConfig) -> None:

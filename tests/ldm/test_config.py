@@ -111,3 +111,27 @@ def test_config_error_carries_the_path():
     with pytest.raises(ConfigError) as e:
         load_config("test", ["source.num_samples=5"])
     assert e.value.path == "source.num_samples"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["tracking.uri=http://alice:s3cr3t-pw@127.0.0.1:5000"], "tracking.uri"),
+        (["compute.ray_address=ray://bob:s3cr3t-pw@127.0.0.1:10001"], "compute.ray_address"),
+        (["source.kind=parquet", "source.paths=[s3://k:s3cr3t-pw@bucket/urls.parquet]"], "source.paths[0]"),
+    ],
+)
+def test_a_password_in_a_url_is_refused_and_never_printed(overrides, field, capsys, tmp_path):
+    # Bug caught: a credential in a URL field echoed by `ldm config show` (and then written into every
+    # manifest and MLflow param): config load must refuse it, naming the field, without repeating it.
+    args = ["config", "show", "--profile", "test", "--workdir", str(tmp_path)]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 2
+    out, err = capsys.readouterr()
+    assert field in err and "password" in err
+    assert "s3cr3t-pw" not in out + err
+
+
+def test_a_user_name_alone_is_not_a_credential(capsys, tmp_path):
+    # Bug caught: a pattern so broad it refuses ordinary URLs (user names, ports, s3 keys with colons).
+    assert main(["config", "show", "--profile", "test", "--set", "tracking.uri=http://alice@127.0.0.1:5000"]) == 0
+    assert "alice@127.0.0.1:5000" in capsys.readouterr().out
