@@ -7,12 +7,14 @@
    separately. Each run times --rows/2 and --rows rows: end-to-end images/s at the full size, and the
    marginal rate between the sizes, which cancels each side's fixed cost per run (model loading;
    for the stage, three actors importing torch and diffusers). Alternating runs; medians and ratios.
-2. Streaming: peak RSS of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
-   workers) at 2,000 and at 8,000 rows, made by replicating the filtered shards.
+2. Streaming: peak unique memory (PSS: shared pages, such as the object store's mapping, counted once
+   across processes) of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
+   workers) at 2,000, 8,000 and 32,000 rows, made by replicating the filtered shards.
 
 Needs a work directory where the pipeline ran up to train-vae (e.g. after `make demo`):
 
-    .venv/bin/python bench/precompute.py --workdir work/local [--rows 12000] [--repeats 3] [--skip-rss]
+    .venv/bin/python bench/precompute.py --workdir work/local [--rows 12000] [--repeats 3]
+        [--skip-rss | --skip-throughput] [--memory-rows 2000 8000 32000]
 """
 
 from __future__ import annotations
@@ -97,8 +99,8 @@ def stage_workdir(src: Path, dest: Path, rows: int | None = None) -> int:
     return total
 
 
-def _tree_rss(root: int) -> int:
-    """Summed RSS (bytes) of a process and all its descendants, read from /proc."""
+def _tree(root: int) -> set[int]:
+    """A process and all its descendants, from /proc."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -111,27 +113,44 @@ def _tree_rss(root: int) -> int:
         kids = [p for p, pp in parents.items() if pp in frontier and p not in tree]
         tree.update(kids)
         frontier = kids
+    return tree
+
+
+def _tree_pss(root: int) -> int:
+    """Summed PSS (bytes) of a process tree: each shared page counts once, split among its sharers.
+
+    Summing RSS instead counts the shared object store (and shared libraries) once per process.
+    """
     total = 0
-    for pid in tree:
+    for pid in _tree(root):
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
+                    break
         except OSError:
             continue
     return total
 
 
-def peak_rss_mb(cmd: list[str]) -> float:
-    """Run a command; return the peak summed RSS of its whole process tree, sampled every 0.2 s."""
+def peak_pss_mb(cmd: list[str]) -> float:
+    """Run a command; return the peak summed PSS of its whole process tree, sampled every 0.2 s."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        peak = max(peak, _tree_pss(proc.pid))
         time.sleep(0.2)
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed with {proc.returncode}")
     return peak / 2**20
+
+
+def cpu_name() -> str:
+    """The CPU model, as lscpu's 'Model name' (figures depend on it: AMX, AVX512-BF16)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def main() -> None:
@@ -141,7 +160,9 @@ def main() -> None:
     p.add_argument("--profile", default="local")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", type=int, default=12000, help="filtered rows to time (shards replicated as needed)")
-    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-rss", action="store_true", help="skip the memory part")
+    p.add_argument("--skip-throughput", action="store_true", help="only the memory part")
+    p.add_argument("--memory-rows", type=int, nargs="+", default=[2000, 8000, 32000])
     a = p.parse_args()
     src = Path(a.workdir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,50 +195,51 @@ def main() -> None:
             run_stage("precompute", cfgs[k])
             return time.perf_counter() - t
 
-        seq("warm", 0), ours("warm", 0)
-        print(f"warm-up done ({warm} rows); timing {sizes['half']} and {sizes['full']} rows", flush=True)
-        # Per run: end-to-end images/s at the full size, and the marginal rate between the two sizes,
-        # (n_full - n_half) / (t_full - t_half), which cancels fixed costs (model loading, actor start-up).
-        end_to_end: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
-        marginal: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
-        fixed: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
-        for r in range(a.repeats):
-            order = [("sequential loop", seq), ("ray data stage", ours)]
-            for name, fn in order if r % 2 == 0 else order[::-1]:
-                t_half, t_full = fn("half", r), fn("full", r)
-                rate = (sizes["full"] - sizes["half"]) / (t_full - t_half)
-                end_to_end[name].append(sizes["full"] / t_full)
-                marginal[name].append(rate)
-                fixed[name].append(t_full - sizes["full"] / rate)
-        print(
-            f"\n{sizes['full']} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE compute "
-            f"{compute_dtype_name(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included)"
-        )
-        for label, table in (("end to end", end_to_end), ("marginal", marginal)):
-            for name, xs in table.items():
-                runs = ", ".join(f"{x:.1f}" for x in xs)
-                print(f"  {label:<10} {name:<16} median {statistics.median(xs):7.1f}   runs {runs}")
-            ratio = statistics.median(table["ray data stage"]) / statistics.median(table["sequential loop"])
-            print(f"  {label:<10} ratio stage/sequential: {ratio:.2f}x")
-        for name, xs in fixed.items():
-            print(f"  fixed cost per run, {name}: median {statistics.median(xs):.1f} s")
+        if not a.skip_throughput:
+            seq("warm", 0), ours("warm", 0)
+            print(f"warm-up done ({warm} rows); timing {sizes['half']} and {sizes['full']} rows", flush=True)
+            # Per run: end-to-end images/s at the full size, and the marginal rate between the two sizes,
+            # (n_full - n_half) / (t_full - t_half), which cancels fixed costs (model loading, actor start-up).
+            end_to_end: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+            marginal: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+            fixed: dict[str, list[float]] = {"sequential loop": [], "ray data stage": []}
+            for r in range(a.repeats):
+                order = [("sequential loop", seq), ("ray data stage", ours)]
+                for name, fn in order if r % 2 == 0 else order[::-1]:
+                    t_half, t_full = fn("half", r), fn("full", r)
+                    rate = (sizes["full"] - sizes["half"]) / (t_full - t_half)
+                    end_to_end[name].append(sizes["full"] / t_full)
+                    marginal[name].append(rate)
+                    fixed[name].append(t_full - sizes["full"] / rate)
+            print(
+                f"\n{cpu_name()}, {sizes['full']} rows, {os.cpu_count()} cores, {cfg.ingest.resolution} px, stage VAE "
+                f"compute {compute_dtype_name(cfg)} (images/s; Ray cluster start-up {startup:.1f} s not included)"
+            )
+            for label, table in (("end to end", end_to_end), ("marginal", marginal)):
+                for name, xs in table.items():
+                    runs = ", ".join(f"{x:.1f}" for x in xs)
+                    print(f"  {label:<10} {name:<16} median {statistics.median(xs):7.1f}   runs {runs}")
+                ratio = statistics.median(table["ray data stage"]) / statistics.median(table["sequential loop"])
+                print(f"  {label:<10} ratio stage/sequential: {ratio:.2f}x")
+            for name, xs in fixed.items():
+                print(f"  fixed cost per run, {name}: median {statistics.median(xs):.1f} s")
         if a.skip_rss:
             return
         import ray
 
         ray.shutdown()
         peaks = {}
-        for rows_wanted in (2000, 8000):
-            d = base / f"rss{rows_wanted}"
+        for rows_wanted in a.memory_rows:
+            d = base / f"mem{rows_wanted}"
             rows = stage_workdir(src, d, rows_wanted)
             cmd = [sys.executable, "-m", "flows.cli", "stage", "precompute"]
             cmd += ["--profile", a.profile, "--workdir", str(d)]
-            peaks[rows] = peak_rss_mb(cmd)
-        (r1, m1), (r2, m2) = sorted(peaks.items())
-        print(
-            f"\npeak RSS of the process tree: {r1} rows {m1:.0f} MB, {r2} rows {m2:.0f} MB "
-            f"(+{100 * (m2 / m1 - 1):.1f}% for {r2 / r1:.1f}x the rows)"
-        )
+            peaks[rows] = peak_pss_mb(cmd)
+            shutil.rmtree(d)
+        (r1, m1), *_ = sorted(peaks.items())
+        print("\npeak PSS of the process tree:")
+        for r, m in sorted(peaks.items()):
+            print(f"  {r:>6} rows {m:7.0f} MB ({100 * (m / m1 - 1):+.1f}% at {r / r1:.1f}x the rows)")
 
 
 if __name__ == "__main__":
