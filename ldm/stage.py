@@ -26,6 +26,7 @@ LAYOUT = {
     "filter": "filtered",
     "train-vae": "models/vae",
     "precompute": "latents",
+    "train": "runs/{run}",  # one folder per training run (train.run_id)
 }
 
 
@@ -34,11 +35,12 @@ class Workdir:
     """The folders of one pipeline's work directory URL (`file://` or `s3://`)."""
 
     url: str
+    run: str = "default"
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> Workdir:
-        """The work directory a config names."""
-        return cls(storage.normalize(cfg.workdir))
+        """The work directory a config names (and its training run id)."""
+        return cls(storage.normalize(cfg.workdir), cfg.train.run_id)
 
     def path(self, *parts: str) -> str:
         """A URL under the work directory."""
@@ -46,7 +48,7 @@ class Workdir:
 
     def output(self, stage: str) -> str:
         """The output folder of a stage."""
-        return self.path(LAYOUT[stage])
+        return self.path(LAYOUT[stage].format(run=self.run))
 
     @property
     def source(self) -> str:
