@@ -37,7 +37,7 @@ def cpu_bf16_fast() -> bool:
 
 def autocast_dtype(mode: str, device: str) -> torch.dtype | None:
     """The autocast dtype for train.mixed_precision on this device, or None for fp32."""
-    if mode == "no":
+    if mode == "fp32":
         return None
     if mode == "bf16" or device == "cuda":
         return torch.bfloat16

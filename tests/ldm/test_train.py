@@ -26,7 +26,7 @@ SHAPE, TEXT_DIM, ROWS = (4, 8, 8), 128, 48
 TRAIN = [
     "train.steps=6", "train.batch_size=8", "train.checkpoint_every=2", "train.log_every=2",
     "train.warmup_steps=2", "train.ema_warmup=2", "train.sample_steps=2", "train.shuffle_buffer=16",
-    "train.audit=true", "train.mixed_precision=no", "train.keep_checkpoints=2",
+    "train.audit=true", "train.mixed_precision=fp32", "train.keep_checkpoints=2",
 ]  # fmt: skip
 
 
@@ -62,12 +62,13 @@ def write_inputs(workdir: Path) -> None:
         )
         parts.append({"name": f"{p:05d}.parquet", "rows": len(chunk)})
     empty = rng.standard_normal((2, TEXT_DIM)).astype(np.float16)
+    empty_b64 = base64.b64encode(empty.tobytes()).decode()
     manifest.commit(
         latents, "precompute", "lat0", {}, inputs={},
         vae={"path": vae_url, "weights": "vae0"},
         text_encoder={"arch": "tiny", "path": clip_url, "weights": "clip0"},
         latent_shape=list(SHAPE), text_dim=TEXT_DIM, context_length=32, scale_factor=1.0, rows=ROWS, parts=parts,
-        empty_prompt={"shape": [2, TEXT_DIM], "dtype": "float16", "data_b64": base64.b64encode(empty.tobytes()).decode()},
+        empty_prompt={"shape": [2, TEXT_DIM], "dtype": "float16", "data_b64": empty_b64},
     )  # fmt: skip
 
 
