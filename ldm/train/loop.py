@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 
 from ldm.config import PipelineConfig
@@ -52,20 +53,39 @@ def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank * 31 + micro
 
 
+def _windows(it, micro: int, window: int) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive groups of `window` rows (the last one shorter) from an iterator of row batches."""
+    pending: list[dict[str, np.ndarray]] = []
+    count = 0
+    for rows in it:
+        pending.append(rows)
+        count += len(rows["key"])
+        if count >= window:
+            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            pending, count = [], 0
+    if pending:
+        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+
+
 def _batches(shard, micro: int, seed: int, rank: int, buffer: int, epoch: int, skip: int) -> Iterator[tuple]:
-    """(epoch, batches consumed in that epoch, rows) forever, starting after `skip` batches of `epoch`."""
+    """(epoch, batches consumed in that epoch, rows) forever, starting after `skip` batches of `epoch`.
+
+    The shuffle is ours, not Ray's local shuffle buffer: that one's output depends on how many blocks
+    its prefetch thread has delivered, so two runs over the same rows batch them differently and an
+    exact resume is impossible. Here rows are permuted within windows by a seeded RNG.
+    """
+    window = max(micro, buffer // micro * micro)
     while True:
-        it = shard.iter_batches(
-            batch_size=micro,
-            drop_last=True,  # every rank gets the same number of equal batches, so DDP never waits forever
-            batch_format="numpy",
-            local_shuffle_buffer_size=buffer or None,
-            local_shuffle_seed=(seed * 7919 + epoch) * 131 + rank if buffer else None,
-        )
+        it = shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=1)
         n = 0
-        for n, rows in enumerate(it, start=1):
-            if n > skip:
-                yield epoch, n, rows
+        for w, rows in enumerate(_windows(it, micro, window)):
+            order = np.random.default_rng([seed, epoch, rank, w]).permutation(len(rows["key"])) if buffer else None
+            # drop_last: every rank gets the same number of full batches, so DDP never waits forever.
+            for start in range(0, len(rows["key"]) - micro + 1, micro):
+                n += 1
+                if n > skip:
+                    idx = order[start : start + micro] if order is not None else slice(start, start + micro)
+                    yield epoch, n, {k: v[idx] for k, v in rows.items()}
         if n == 0:
             raise RuntimeError(f"rank {rank}: its data shard has fewer rows than one micro-batch of {micro}")
         epoch, skip = epoch + 1, 0
@@ -101,6 +121,8 @@ def train_loop(config: dict[str, Any]) -> None:
     unet = build_unet(cfg.unet.size, shape[0], shape[1], text_dim, seed=cfg.seed)
     if tc.grad_checkpointing:
         unet.enable_gradient_checkpointing()
+    # On the device before the optimizer exists, so a restored AdamW state lands next to its parameters.
+    unet.to(ray.train.torch.get_device())
     ema = Ema(unet, tc.ema_decay, tc.ema_warmup)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "nonfinite_run": 0}
@@ -108,6 +130,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if ckpt is not None:  # a restarted worker group or a resumed run
         with ckpt.as_directory() as d:
             meta = load_state(d, unet, ema, opt)
+        ema.shadow = {n: v.to(ray.train.torch.get_device()) for n, v in ema.shadow.items()}
     model = ray.train.torch.prepare_model(unet)  # DDP over gloo/NCCL; moves to this rank's device
     unet = model.module if hasattr(model, "module") else model
     if tc.compile:
