@@ -123,7 +123,7 @@ def train_stage(run: StageRun) -> dict:
     ensure_ray(cfg)
     ds, _ = latent_dataset(latents_url)
     if m["rows"] * (2 * (_numel(m["latent_shape"]) + m.get("context_length", 77) * m["text_dim"])) < MATERIALIZE_BYTES:
-        ds = ds.materialize()
+        ds = _materialize_in_order(ds)
     latents = {k: m[k] for k in ("latent_shape", "text_dim", "scale_factor", "empty_prompt", "text_encoder")}
     vae_url = expected_components(cfg, wd)["vae"]
     fs, storage_path = storage.fs_for(storage.join(wd.url, "runs"))
@@ -167,6 +167,16 @@ def train_stage(run: StageRun) -> dict:
         "latents": {"config_hash": m["config_hash"], "rows": m["rows"]},
         "timings": {"total_s": round(time.time() - t0, 2)},
     }  # fmt: skip
+
+
+def _materialize_in_order(ds):
+    """The dataset held in the object store, rows in key order.
+
+    Two runs over the same parts saw them in different block orders (preserve_order set or not), so a
+    resumed run's data position pointed at other rows. Sorting by key makes the order a property of
+    the data; the workers shuffle it with seeded windows.
+    """
+    return ds.sort("key").materialize()
 
 
 def _numel(shape: list[int]) -> int:

@@ -248,3 +248,27 @@ def test_checkpoint_round_trip_and_nonfinite_refusal(tmp_path):
         save_state(tmp_path / "x", net, ema, opt, {"step": 2})
     assert lr_at(0, 1.0, 2, 10, "cosine") == 0.5 and lr_at(9, 1.0, 2, 10, "constant") == 1.0
     assert lr_at(10, 1.0, 2, 10, "cosine") == pytest.approx(0.0)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(cluster, inputs):
+    """An absurd LR blows the weights up after step 1: later steps are non-finite, skipped, and after
+    two in a row the run stops naming the step; every checkpoint written holds finite weights.
+
+    Bugs caught: NaN gradients applied (weights become NaN and get checkpointed); a run that spins on
+    NaN forever instead of stopping; an error that does not say where it stopped.
+    """
+    from safetensors.torch import load_file
+
+    from flows.registry import run
+
+    cfg = make_config(
+        inputs, *TRAIN, "train.run_id=nan", "compute.num_workers=1", "train.batch_size=4", "train.lr=1e30",
+        "train.warmup_steps=0", "train.max_nonfinite_steps=2", "train.checkpoint_every=1", "train.max_failures=0",
+    )  # fmt: skip
+    with pytest.raises(StageError, match="2 non-finite steps in a row, the last at step 3") as info:
+        run("train", cfg)
+    assert "\n" not in str(info.value)
+    checkpoints = sorted((inputs / "runs" / "nan").glob("checkpoint_*/state.safetensors"))
+    assert checkpoints
+    for f in checkpoints:
+        assert all(torch.isfinite(v).all() for v in load_file(str(f)).values() if v.is_floating_point())
