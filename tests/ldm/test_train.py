@@ -147,6 +147,8 @@ def test_two_nodes_ddp_restart_after_kill_and_export(cluster, inputs, tmp_path):
     assert len(mine) == 1
     losses = mlflow.MlflowClient().get_metric_history(mine[0].info.run_id, "loss")
     assert sorted({h.step for h in losses}) == [2, 4, 6]
+    grids = [a.path for a in mlflow.MlflowClient().list_artifacts(mine[0].info.run_id, "samples")]
+    assert "samples/step0000006.png" in grids  # a sample grid at each checkpoint, the last included
     pipeline = run_dir / "pipeline"
     unet = UNet2DConditionModel.from_pretrained(pipeline / "unet")
     assert unet.config.cross_attention_dim == TEXT_DIM and unet.config.sample_size == SHAPE[1]
