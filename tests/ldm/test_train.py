@@ -79,6 +79,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # The Train controller polls its workers every 2 s; every fit waits on that several times. The
+    # Ray processes inherit this from the test process. (The fault test's kill waits 3 s, still longer.)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": tmp})
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
@@ -87,6 +91,7 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")
