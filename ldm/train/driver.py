@@ -152,6 +152,8 @@ def train_stage(run: StageRun) -> dict:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; the user needs its last line
         raise StageError(f"train: run {tc.run_id} failed: {_last_line(e)}") from e
+    if result.checkpoint is None:
+        raise StageError(f"train: run {tc.run_id} reported no checkpoint; rerun it with --overwrite")
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         if meta["step"] < tc.steps:
