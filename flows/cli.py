@@ -6,10 +6,13 @@ import argparse
 import sys
 import traceback
 
+import yaml
+
 from flows.registry import STAGES, run
-from ldm.config import ConfigError, load_config, to_yaml
+from ldm.config import ConfigError, PipelineConfig, set_dotted, load_config, parse_override, to_yaml
 from ldm.io.manifest import StageError
 from ldm.io.storage import StorageError
+from ldm.stage import Workdir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=[s.name for s in STAGES])
     stage.add_argument("--overwrite", action="store_true", help="replace output made from another config")
     stage.add_argument("--allow-partial", action="store_true", help="commit even if some input shards were unreadable")
+    stage.add_argument("--resume", metavar="RUN", default=None, help="train: continue the stopped run RUN")
     _common(stage)
+
+    gen = sub.add_parser("generate", help="images from prompts with an exported pipeline")
+    gen.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
+    gen.add_argument("--model", required=True, help="a run's pipeline/ folder")
+    gen.add_argument("--prompts-file", default=None, help="one prompt per line")
+    gen.add_argument("--guidance", type=float, default=4.0)
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="sample.png", help="PNG path (several prompts: <out>-<i>.png)")
 
     run = sub.add_parser("run", help="run every stage in order on one profile")
     run.add_argument("--overwrite", action="store_true", help="replace output made from another config")
@@ -85,7 +98,11 @@ def describe(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ldm` console script; every failure ends as one line on stderr (2 config, 1 stage)."""
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
     try:
+        if getattr(args, "resume", None):
+            return _resume(args)
         cfg = load_config(args.profile, args.overrides, args.workdir)
     except ConfigError as e:
         if args.debug:
@@ -106,6 +123,54 @@ def main(argv: list[str] | None = None) -> int:
         msg = describe(e).removeprefix(f"{name}: ")  # many StageErrors already name their stage
         print(f"ldm: {name}: {msg}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """`ldm stage train --resume RUN`: the run's recorded config (stop_at_step cleared), then the stage."""
+    import importlib
+
+    if args.name != "train":
+        print("ldm: error: --resume applies to the train stage only", file=sys.stderr)
+        return 2
+    driver = importlib.import_module("ldm.train.driver")  # by name: flows never imports torch at load
+    base = load_config(args.profile, args.overrides, args.workdir)
+    try:
+        recorded = yaml.safe_load(driver.resume_config(Workdir.of(base).url, args.resume))
+        recorded["workdir"] = base.workdir
+        recorded["train"]["stop_at_step"] = None
+        for item in args.overrides:
+            key, value = parse_override(item)
+            set_dotted(recorded, key, value)
+        cfg = PipelineConfig.model_validate(recorded)
+        run("train", cfg, args.overwrite)
+    except ConfigError as e:
+        print(f"ldm: config error: {e}", file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"ldm: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """`ldm generate`: images from prompts (arguments or a file) with an exported pipeline."""
+    import importlib
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        print("ldm: error: give prompts or --prompts-file", file=sys.stderr)
+        return 2
+    export = importlib.import_module("ldm.train.export")
+    try:
+        paths = export.generate(args.model, prompts, args.guidance, args.steps, args.seed, args.out)
+    except StageError as e:
+        print(f"ldm: error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(paths))
     return 0
 
 

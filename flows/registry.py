@@ -7,7 +7,7 @@ stage's output (config fields, input stages, weight files); the work itself is a
 
 from __future__ import annotations
 
-from ldm.config import PipelineConfig
+from ldm.config import TRAIN_CONTROL, PipelineConfig, TrainConfig
 from ldm.stage import Stage, run_stage
 
 
@@ -92,6 +92,19 @@ STAGES: tuple[Stage, ...] = (
         summary="data_prep.precompute:summary",
         inputs=_precompute_inputs,
         weights=_precompute_weights,
+    ),
+    Stage(
+        name="train",
+        fields=(
+            "diffusion",
+            "unet",
+            "seed",
+            "compute.num_workers",
+            *(f"train.{f}" for f in TrainConfig.model_fields if f not in TRAIN_CONTROL),
+        ),
+        work="ldm.train.driver:train_stage",
+        summary="ldm.train.driver:summary",
+        inputs=lambda cfg: ("precompute",),
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}

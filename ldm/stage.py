@@ -8,6 +8,7 @@ config, record the intent before the first write, and commit the manifest last.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -27,6 +28,7 @@ LAYOUT = {
     "filter": "filtered",
     "train-vae": "models/vae",
     "precompute": "latents",
+    "train": "runs/{run}",  # one folder per training run (train.run_id)
 }
 
 
@@ -37,11 +39,12 @@ class Workdir:
     url: str
     # (stage, folder): where this run writes that stage's output instead of its usual folder (--overwrite)
     staged: tuple[tuple[str, str], ...] = ()
+    run: str = "default"
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> Workdir:
-        """The work directory a config names."""
-        return cls(storage.normalize(cfg.workdir))
+        """The work directory a config names (and its training run id)."""
+        return cls(storage.normalize(cfg.workdir), run=cfg.train.run_id)
 
     def path(self, *parts: str) -> str:
         """A URL under the work directory."""
@@ -49,7 +52,7 @@ class Workdir:
 
     def output(self, stage: str) -> str:
         """The output folder of a stage."""
-        return dict(self.staged).get(stage) or self.path(LAYOUT[stage])
+        return dict(self.staged).get(stage) or self.path(LAYOUT[stage].format(run=self.run))
 
     @property
     def source(self) -> str:
@@ -273,7 +276,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False, allow_
         state = manifest.check_output(target, chash, overwrite=True)
         if state is manifest.OutputState.REPLACE:  # a staged run of yet another config: never committed
             storage.remove(target)
-        wd = Workdir(wd.url, staged=((stage.name, target),))
+        wd = dataclasses.replace(wd, staged=((stage.name, target),))
     run = StageRun(stage, cfg, wd, target, chash, config, inputs, resumed=state is manifest.OutputState.RESUME)
     fields = stage.function("work")(run)
     run.begin()
