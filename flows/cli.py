@@ -9,7 +9,7 @@ import traceback
 import yaml
 
 from flows.registry import STAGES, run
-from ldm.config import ConfigError, PipelineConfig, set_dotted, load_config, parse_override, to_yaml
+from ldm.config import ConfigError, PipelineConfig, load_config, parse_override, set_dotted, to_yaml
 from ldm.io.manifest import StageError
 from ldm.io.storage import StorageError
 from ldm.stage import Workdir
