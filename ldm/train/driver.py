@@ -25,8 +25,12 @@ class Stopped(StageError):
 
 def expected_components(cfg: PipelineConfig, wd: Workdir) -> dict[str, str]:
     """Where the config says the latents' VAE and text encoder come from."""
-    text = cfg.clip.weights if cfg.clip.arch != "tiny" else wd.output("train-clip")
-    return {"vae": cfg.vae.path or wd.output("train-vae"), "text_encoder": f"{cfg.clip.arch}:{text}"}
+    te = cfg.text_encoder
+    if not te.same_as_clip:  # a text encoder of its own (SD 2: OpenCLIP ViT-H-14)
+        text = f"{te.arch}:{te.weights}"
+    else:
+        text = f"{cfg.clip.arch}:{cfg.clip.weights if cfg.clip.arch != 'tiny' else wd.output('train-clip')}"
+    return {"vae": cfg.vae.path or wd.output("train-vae"), "text_encoder": text}
 
 
 def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> None:
@@ -40,8 +44,8 @@ def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> N
     shape, text_dim = m["latent_shape"], m["text_dim"]
     if shape[1] != shape[2]:
         raise StageError(f"train: latents in {latents_url} are {shape[1]}x{shape[2]}; the UNet needs square ones")
-    # A size fixes its cross-attention width (tiny: the tiny CLIP's 128, sd2-base: ViT-H's 1024).
-    want = unet_config(cfg.unet.size, shape[0], shape[1])
+    # The cross-attention width follows the text encoder unless the config pins it (then it must agree).
+    want = unet_config(cfg.unet.size, shape[0], shape[1], cfg.unet.cross_attention_dim or text_dim)
     try:
         check_unet_matches(want, shape, text_dim)
     except ValueError as e:
@@ -79,9 +83,9 @@ def _sampler_inputs(cfg: PipelineConfig, m: dict, vae_url: str) -> dict[str, Any
     """Prompt states and the VAE folder for the checkpoint sample grids; None (no grids) when unavailable."""
     try:
         from ldm.autoencoder.model import local_path
-        from ldm.clip.encoder import load_encoder
+        from ldm.clip.encoder import load_text_encoder
 
-        encoder = load_encoder(cfg)
+        encoder = load_text_encoder(cfg)
         states, lengths = encoder.token_states(cfg.train.sample_prompts)
         longest = int(lengths.max())
         vae_dir = str(local_path(vae_url))

@@ -181,6 +181,15 @@ def _overrides(world: dict, tmp: Path) -> list[str]:
         "compute.ray_address=null",  # start a local Ray cluster instead of joining one
         "compute.num_workers=1",
         "precompute.object_store_mb=256",
+        # sd2-base (865M parameters) does not train on a 2-core box; its layout is checked in tests/ldm/test_unet.py.
+        # The rest of prod's training config (v-prediction, scaled-linear schedule, EMA, bf16 auto) runs as is.
+        "unet.size=tiny",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.warmup_steps=1",
+        "train.ema_warmup=1",
+        "train.sample_steps=2",
     ]
     return [a for s in sets for a in ("--set", s)]
 
@@ -228,6 +237,10 @@ def inside_namespace(tmp_dir: str) -> int:
             dest = out / m.removeprefix(f"{BUCKET}/work/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get(m, str(dest))
+        for f in fs.glob(f"{BUCKET}/work/runs/*/pipeline/**/*.json"):
+            dest = out / f.removeprefix(f"{BUCKET}/work/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(f, str(dest))
         for part in fs.glob(f"{BUCKET}/work/latents/parts/*.parquet"):
             (out / "parts").mkdir(parents=True, exist_ok=True)
             fs.get(part, str(out / "parts" / part.rsplit("/", 1)[1]))
@@ -284,3 +297,10 @@ def test_prod_profile_runs_end_to_end(tmp_path):
     for r in rows:
         assert len(r["text_emb"]) == r["text_len"] * TEXT_ENCODER["text_cfg"]["width"] * 2  # fp16 bytes
         assert r["aesthetic"] == pytest.approx(6.5, abs=0.5)  # the stand-in LAION MLP scored them
+
+    run = json.loads((out / "runs" / "sd2-base-laion" / "manifest.json").read_text())  # prod.yaml's run id
+    assert run["steps"] == 2 and run["latents"]["rows"] == GOOD and run["pipeline"].startswith("s3://")
+    index = json.loads((out / "runs" / "sd2-base-laion" / "pipeline" / "model_index.json").read_text())
+    assert index["text_encoder"] == ["open_clip", "ViT-H-14"]  # the conditioning encoder, not the scorer CLIP
+    unet = json.loads((out / "runs" / "sd2-base-laion" / "pipeline" / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == TEXT_ENCODER["text_cfg"]["width"]  # follows the text encoder

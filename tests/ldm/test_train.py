@@ -195,7 +195,10 @@ def test_exact_resume_matches_an_uninterrupted_run(cluster, inputs):
     ("overrides", "message"),
     [
         (["train.batch_size=6", "train.grad_accum=2"], "batch_size 6 is not divisible by compute.num_workers 2"),
-        (["unet.size=sd2-base"], "UNet cross_attention_dim 1024 != text state width 128"),
+        (
+            ["unet.size=sd2-base", "unet.cross_attention_dim=1024"],
+            "UNet cross_attention_dim 1024 != text state width 128",
+        ),
         (["vae.path=/elsewhere/vae"], "were made with the VAE .* the config names /elsewhere/vae"),
         (["clip.arch=ViT-B-32", "clip.weights=/w.pt"], "made with the text encoder tiny:.* names ViT-B-32:/w.pt"),
     ],
