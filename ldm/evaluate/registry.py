@@ -6,7 +6,6 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow.pyfunc
 
@@ -33,7 +32,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         self.scheduler = make_sampler(self.sampling["sampler"], train_scheduler.config)
         self.text = load_text_encoder(root, self.index)
 
-    def predict(self, context, model_input: Any, params: dict | None = None):
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         """Images for prompts (a list of strings, or a DataFrame with a `prompt` column); params may set seed."""
         import torch
 
