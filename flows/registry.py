@@ -46,6 +46,23 @@ def _vae_weights(cfg: PipelineConfig) -> dict[str, str]:
     return {"vae.path": cfg.vae.path} if cfg.vae.path else {}
 
 
+def _evaluate_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    # The scorer CLIP (CLIP score, FD in CLIP space) is train-clip's model on the embedded default.
+    return ("train", "train-clip") if cfg.clip.arch == "tiny" else ("train",)
+
+
+def _evaluate_weights(cfg: PipelineConfig) -> dict[str, str]:
+    # Local files whose content defines the sweep; a missing one is a one-line error before any sampling.
+    ev, out = cfg.evaluate, {}
+    if cfg.clip.arch != "tiny" and cfg.clip.weights:
+        out["clip.weights"] = cfg.clip.weights
+    if ev.extractor == "inception" and ev.inception_weights:
+        out["evaluate.inception_weights"] = ev.inception_weights
+    if ev.prompts_file:
+        out["evaluate.prompts_file"] = ev.prompts_file
+    return out
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="ingest",
@@ -105,6 +122,14 @@ STAGES: tuple[Stage, ...] = (
         work="ldm.train.driver:train_stage",
         summary="ldm.train.driver:summary",
         inputs=lambda cfg: ("precompute",),
+    ),
+    Stage(
+        name="evaluate",
+        fields=("evaluate", "seed", "source", "ingest.resolution"),
+        work="ldm.evaluate.stage:evaluate_stage",
+        summary="ldm.evaluate.stage:summary",
+        inputs=_evaluate_inputs,
+        weights=_evaluate_weights,
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -258,6 +258,7 @@ class PipelineConfig(Section):
     diffusion: DiffusionConfig = Field(default_factory=lambda: DiffusionConfig())
     unet: UnetConfig = Field(default_factory=lambda: UnetConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig())
 
     @field_validator("workdir")
     @classmethod
@@ -507,4 +508,64 @@ class TrainConfig(Section):
 # Fields that steer a run but do not change what it computes: left out of the run's identity, so a
 # stopped or restarted run continues under the same config hash.
 TRAIN_CONTROL = ("run_id", "fail_at_step", "stop_at_step", "max_failures", "log_every", "audit")
+
+
+class EvaluateConfig(Section):
+    """The evaluation sweep of a training run: guidance x steps x sampler x checkpoint, FD, CLIP score, judge."""
+
+    guidance: list[float] = Field([1, 1.5, 2, 3, 4, 6, 8], min_length=1, description="classifier-free guidance scales")
+    steps: list[int] = Field([20], min_length=1, description="sampler steps")
+    samplers: list[Literal["ddim", "dpm++"]] = Field(["ddim"], min_length=1)
+    checkpoints: list[Literal["ema", "raw"]] = Field(
+        ["ema"], min_length=1, description="weights of the run's latest checkpoint: the EMA average or the raw ones"
+    )
+    prompt_count: int = Field(256, ge=2, le=100_000, description="held-out prompts (and real images) per point")
+    prompt_seed: int = Field(0, description="which held-out samples give the prompts")
+    prompts_file: str | None = Field(
+        None, description="one prompt per line instead of held-out captions (no FD reference, no judge)"
+    )
+    extractor: Literal["clip", "inception"] = Field("clip", description="FD feature space (ldm.metrics.features)")
+    inception_weights: str | None = Field(
+        None, description="local FID InceptionV3 state dict (torchvision layout) for extractor inception"
+    )
+    # Not a knob: each batch of prompts draws its noise from one generator, so the batch size shapes the images.
+    batch_size: int = Field(64, ge=1)
+    best_rule: Literal["fd", "fd_clip_floor"] = Field(
+        "fd_clip_floor",
+        description="fd: lowest FD; fd_clip_floor: lowest FD of the points with clip_score >= clip_floor",
+    )
+    clip_floor: float = Field(0.0, ge=0, le=100)
+    registered_model: str = Field("ldm-pipeline", min_length=1, description="MLflow Model Registry name")
+    judge: bool = Field(True, description="train the exact judge on fresh synthetic renders (synthetic source only)")
+    judge_samples: int = Field(4000, ge=100, description="labelled renders the judge trains on")
+    judge_epochs: int = Field(6, ge=1)
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_valid(cls, v: list[float]) -> list[float]:
+        bad = [g for g in v if not g >= 1.0 or g > 100]
+        if bad:
+            raise ValueError(f"guidance scales must lie in [1, 100] (1 = no guidance), got {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError("guidance scales repeat")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_valid(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 1 <= s <= 1000]
+        if bad:
+            raise ValueError(f"sampler steps must lie in [1, 1000], got {bad[0]}")
+        return v
+
+    @model_validator(mode="after")
+    def _extractor_weights(self) -> EvaluateConfig:
+        if self.extractor == "inception" and not self.inception_weights:
+            raise PydanticCustomError(
+                "inception_weights",
+                "evaluate.extractor inception needs evaluate.inception_weights (a local FID InceptionV3 file)",
+            )
+        return self
+
+
 PipelineConfig.model_rebuild()  # the sections defined after it

@@ -29,6 +29,7 @@ LAYOUT = {
     "train-vae": "models/vae",
     "precompute": "latents",
     "train": "runs/{run}",  # one folder per training run (train.run_id)
+    "evaluate": "runs/{run}/eval",  # the sweep of that run (its MLflow runs hang under the training run's)
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation metrics: Frechet distance on streamed features, CLIP score, feature extractors, the exact judge."""

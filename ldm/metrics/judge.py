@@ -1,0 +1,158 @@
+"""The exact judge of the embedded default: a small CNN trained on fresh labelled synthetic renders.
+
+The synthetic world knows what it drew, so a classifier trained on its renders scores generated
+images against their prompts attribute by attribute (GenEval-style: colour, shape, position), and
+the same judge on real renders and on their VAE reconstructions gives the ceilings to read them by.
+Labels per image: object count; colour and shape of object a and b; background; for one object its
+position, for two the relation's axis. Two objects are put in a canonical order (left before right,
+top before bottom), since "A left of B" and "B right of A" draw the same picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+from ldm.io.shards import decode_rgb
+from ldm.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SampleSpec, describe, render
+
+IGNORE = -100
+HEADS = {
+    "count": 2,
+    "colour_a": len(COLOURS),
+    "shape_a": len(SHAPES),
+    "colour_b": len(COLOURS),
+    "shape_b": len(SHAPES),
+    "background": len(BACKGROUNDS),
+    "position": len(POSITIONS),
+    "axis": 2,
+}
+JUDGE_START = 20_000_000  # render indices of the judge's training set: apart from held-out prompts
+JUDGE_VERSION = 1  # bump when the labels or the network change: cached weights are keyed by it
+_COLOURS, _BACKGROUNDS, _POS = list(COLOURS), list(BACKGROUNDS), list(POSITIONS.values())
+
+
+def labels(spec: SampleSpec) -> dict[str, int]:
+    """The judge's labels of one scene (IGNORE where an attribute does not apply)."""
+    objs = list(spec.objects)
+    out = dict.fromkeys(HEADS, IGNORE)
+    out["background"] = _BACKGROUNDS.index(spec.background)
+    if len(objs) == 2:
+        (_, _, ax, ay, _), (_, _, bx, by, _) = objs
+        vertical = abs(ay - by) > abs(ax - bx)
+        if (ay > by) if vertical else (ax > bx):
+            objs.reverse()
+        out["axis"] = int(vertical)
+        out["count"] = 1
+        out["colour_b"], out["shape_b"] = _COLOURS.index(objs[1][0]), SHAPES.index(objs[1][1])
+    else:
+        out["count"] = 0
+        cx, cy = objs[0][2], objs[0][3]
+        out["position"] = int(np.argmin([(cx - px) ** 2 + (cy - py) ** 2 for px, py in _POS]))
+    out["colour_a"], out["shape_a"] = _COLOURS.index(objs[0][0]), SHAPES.index(objs[0][1])
+    return out
+
+
+def render_labelled(seed: int, indices, image_size: int, resolution: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """uint8 renders [N, R, R, 3] with their labels; no bad_crop, which would move objects off their labels."""
+    images, rows = [], []
+    for i in indices:
+        spec = describe(seed, int(i), image_size)
+        spec = dataclasses.replace(spec, degradations={k: v for k, v in spec.degradations.items() if k != "bad_crop"})
+        images.append(decode_rgb(render(spec, seed), resolution))
+        rows.append(labels(spec))
+    return np.stack(images), {k: np.array([r[k] for r in rows]) for k in HEADS}
+
+
+class JudgeNet(nn.Module):
+    """Three conv stages to a 4x4 map (positions need the layout), then one linear layer per attribute."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(
+            block(3, width), block(width, 2 * width), block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(4)
+        )
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in HEADS.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per attribute for images [B, 3, R, R] in [0, 1]."""
+        h = self.trunk(self.features(x))
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_judge(images: np.ndarray, targets: dict[str, np.ndarray], epochs: int, seed: int,
+                batch_size: int = 64) -> JudgeNet:  # fmt: skip
+    """Fit the judge on labelled uint8 images (summed cross-entropy over the attributes that apply)."""
+    torch.manual_seed(seed)
+    net = JudgeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    x, y = _tensor(images), {k: torch.as_tensor(v) for k, v in targets.items()}
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            logits = net(x[idx])
+            loss = sum(nn.functional.cross_entropy(logits[k], y[k][idx], ignore_index=IGNORE) for k in HEADS)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: JudgeNet, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Predicted class per attribute for uint8 images [N, R, R, 3]."""
+    out: dict[str, list[np.ndarray]] = {k: [] for k in HEADS}
+    for i in range(0, len(images), batch_size):
+        for k, v in net(_tensor(images[i : i + batch_size])).items():
+            out[k].append(v.argmax(1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def accuracy(pred: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict[str, float]:
+    """GenEval-style accuracies: colour and shape per object, position (single) or relation axis (pairs), background."""
+
+    def mean_over(pairs: list[tuple[str, str]]) -> float:
+        hits, n = 0, 0
+        for pk, tk in pairs:
+            valid = targets[tk] != IGNORE
+            hits += int((pred[pk][valid] == targets[tk][valid]).sum())
+            n += int(valid.sum())
+        return hits / n if n else float("nan")
+
+    return {
+        "colour": mean_over([("colour_a", "colour_a"), ("colour_b", "colour_b")]),
+        "shape": mean_over([("shape_a", "shape_a"), ("shape_b", "shape_b")]),
+        "position": mean_over([("position", "position"), ("axis", "axis")]),
+        "background": mean_over([("background", "background")]),
+    }
+
+
+def to_bytes(net: JudgeNet) -> bytes:
+    """The judge's weights as safetensors bytes (for the cache)."""
+    return save({k: v.contiguous() for k, v in net.state_dict().items()})
+
+
+def from_bytes(data: bytes) -> JudgeNet:
+    """A judge from safetensors bytes written by to_bytes."""
+    net = JudgeNet()
+    net.load_state_dict(load(data))
+    return net.eval()
