@@ -524,6 +524,11 @@ class EvaluateConfig(Section):
     prompts_file: str | None = Field(
         None, description="one prompt per line instead of held-out captions (no FD reference, no judge)"
     )
+    reference: str | None = Field(
+        None,
+        description="webdataset shards (jpg + txt) of held-out real images: the FD reference and, without "
+        "prompts_file, the prompts (prod: e.g. COCO-2014 val); None on the synthetic source: its held-out renders",
+    )
     extractor: Literal["clip", "inception"] = Field("clip", description="FD feature space (ldm.metrics.features)")
     inception_weights: str | None = Field(
         None, description="local FID InceptionV3 state dict (torchvision layout) for extractor inception"

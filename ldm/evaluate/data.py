@@ -12,7 +12,7 @@ import numpy as np
 from ldm.config import PipelineConfig
 from ldm.io import manifest, storage
 from ldm.io.manifest import StageError
-from ldm.io.shards import decode_rgb
+from ldm.io.shards import decode_rgb, iter_samples, shard_urls
 from ldm.metrics.features import Extractor
 from ldm.metrics.frechet import FeatureStats
 from ldm.stage import Workdir
@@ -30,6 +30,25 @@ class PromptSet:
     origin: dict
 
 
+def reference_samples(url: str, count: int) -> Iterator[tuple[bytes, str]]:
+    """The first `count` (jpg bytes, caption) pairs of a folder of webdataset shards, in shard order (streamed)."""
+    tars = shard_urls(url)
+    if not tars:
+        raise StageError(f"evaluate: evaluate.reference {url} holds no webdataset shards (*.tar)")
+    n = 0
+    for tar in tars:
+        for s in iter_samples(tar):
+            if "jpg" not in s or "txt" not in s:
+                raise StageError(
+                    f"evaluate: sample {s.get('key')!r} in {tar} lacks a .jpg or .txt (evaluate.reference)"
+                )
+            yield s["jpg"], s["txt"]
+            n += 1
+            if n == count:
+                return
+    raise StageError(f"evaluate: evaluate.reference {url} holds {n} samples, evaluate.prompt_count asks for {count}")
+
+
 def prompt_set(cfg: PipelineConfig) -> PromptSet:
     """evaluate.prompt_count held-out captions (by evaluate.prompt_seed), or the lines of evaluate.prompts_file."""
     ev = cfg.evaluate
@@ -41,8 +60,11 @@ def prompt_set(cfg: PipelineConfig) -> PromptSet:
         if len(lines) < 2:
             raise StageError(f"evaluate: prompt file {ev.prompts_file} holds {len(lines)} prompt(s); give 2 or more")
         return PromptSet(lines[: ev.prompt_count], None, {"file": str(path), "count": min(len(lines), ev.prompt_count)})
+    if ev.reference:  # real held-out images with captions (prod: e.g. COCO-2014 val as webdataset shards)
+        captions = [caption for _, caption in reference_samples(ev.reference, ev.prompt_count)]
+        return PromptSet(captions, None, {"reference": ev.reference, "count": ev.prompt_count})
     if cfg.source.kind != "synthetic":
-        raise StageError("evaluate: a parquet source has no held-out prompts; set evaluate.prompts_file")
+        raise StageError("evaluate: a parquet source has no held-out prompts; set evaluate.reference")
     rng = np.random.default_rng(ev.prompt_seed)
     indices = sorted(HELDOUT_START + int(i) for i in rng.choice(HELDOUT_SPAN, ev.prompt_count, replace=False))
     specs = [describe(cfg.source.seed, i, cfg.source.image_size) for i in indices]
@@ -50,14 +72,40 @@ def prompt_set(cfg: PipelineConfig) -> PromptSet:
     return PromptSet([s.caption for s in specs], specs, origin)
 
 
-def reference_specs(cfg: PipelineConfig, prompts: PromptSet) -> list[SampleSpec]:
-    """The real held-out scenes FD compares against: the prompts' own scenes, or held-out ones for a prompt file."""
-    if prompts.specs is not None:
-        return prompts.specs
-    if cfg.source.kind != "synthetic":
-        raise StageError("evaluate: a parquet source has no held-out reference images for FD")
+@dataclass
+class Reference:
+    """The real images FD compares against: held-out synthetic scenes, or evaluate.reference's shards."""
+
+    key: dict  # what identifies the set, for the statistics cache
+    specs: list[SampleSpec] | None = None
+    url: str | None = None
+    count: int = 0
+
+    def batches(self, cfg: PipelineConfig, batch: int) -> Iterator[np.ndarray]:
+        """The images resized like ingest does, one uint8 batch at a time (streamed)."""
+        if self.specs is not None:
+            yield from real_batches(cfg, self.specs, batch)
+            return
+        chunk: list[np.ndarray] = []
+        for jpg, _ in reference_samples(str(self.url), self.count):
+            chunk.append(decode_rgb(jpg, cfg.ingest.resolution))
+            if len(chunk) == batch:
+                yield np.stack(chunk)
+                chunk = []
+        if chunk:
+            yield np.stack(chunk)
+
+
+def reference(cfg: PipelineConfig, prompts: PromptSet) -> Reference:
+    """The real images for FD: the prompts' own scenes, held-out scenes for a prompt file, or evaluate.reference."""
     n = len(prompts.prompts)
-    return [describe(cfg.source.seed, HELDOUT_START + i, cfg.source.image_size) for i in range(n)]
+    if cfg.evaluate.reference:
+        return Reference({"reference": cfg.evaluate.reference, "count": n}, url=cfg.evaluate.reference, count=n)
+    if cfg.source.kind != "synthetic":
+        raise StageError("evaluate: a parquet source has no held-out reference images; set evaluate.reference")
+    specs = prompts.specs or [describe(cfg.source.seed, HELDOUT_START + i, cfg.source.image_size) for i in range(n)]
+    key = {"source_seed": cfg.source.seed, "image_size": cfg.source.image_size, "indices": [s.index for s in specs]}
+    return Reference(key, specs=specs)
 
 
 def real_batches(cfg: PipelineConfig, specs: list[SampleSpec], batch: int) -> Iterator[np.ndarray]:
@@ -72,13 +120,11 @@ def cache_url(cfg: PipelineConfig, kind: str, key: str, ext: str) -> str:
     return Workdir.of(cfg).path("cache", kind, f"{key}.{ext}")
 
 
-def reference_stats(cfg: PipelineConfig, specs: list[SampleSpec], extractor: Extractor) -> tuple[np.ndarray, ...]:
-    """Mean and covariance of the real images' features: streamed once, then cached by content hash."""
-    key = manifest.digest({
-        "extractor": extractor.name, "weights": extractor.weights_hash, "resolution": cfg.ingest.resolution,
-        "source_seed": cfg.source.seed, "image_size": getattr(cfg.source, "image_size", None),
-        "indices": [s.index for s in specs],
-    })  # fmt: skip
+def reference_stats(cfg: PipelineConfig, ref: Reference, extractor: Extractor) -> tuple[np.ndarray, ...]:
+    """Mean and covariance of the real images' features: streamed once, then cached by what identifies them."""
+    key = manifest.digest(
+        {"extractor": extractor.name, "weights": extractor.weights_hash, "resolution": cfg.ingest.resolution, **ref.key}
+    )
     url = cache_url(cfg, "fd-reference", key, "npz")
     if storage.exists(url):
         fs, path = storage.fs_for(url)
@@ -86,7 +132,7 @@ def reference_stats(cfg: PipelineConfig, specs: list[SampleSpec], extractor: Ext
             data = np.load(io.BytesIO(f.read()))
             return data["mu"], data["sigma"]
     stats = FeatureStats(extractor.dim)
-    for images in real_batches(cfg, specs, cfg.evaluate.batch_size):
+    for images in ref.batches(cfg, cfg.evaluate.batch_size):
         stats.update(extractor(images))
     mu, sigma = stats.mean_cov()
     buf = io.BytesIO()

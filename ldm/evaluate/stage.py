@@ -40,8 +40,7 @@ def _pipeline_dir(url: str, tmp: str) -> Path:
     url = storage.normalize(url)
     if url.startswith("file://"):
         return Path(url.removeprefix("file://"))
-    fs, path = storage.fs_for(url)
-    fs.get(path, tmp, recursive=True)
+    storage.download_folder(url, tmp)
     return Path(tmp)
 
 
@@ -53,14 +52,14 @@ def evaluate_stage(run: StageRun) -> dict:
 
     cfg, t0 = run.cfg, time.time()
     train_m = run.inputs["train"]
-    checkpoint = checkpoint_dir(train_m)
     check_extractor(cfg)
     prompts = prompt_set(cfg)
     parent = train_m.get("mlflow_run_id")
     if not parent:
         raise StageError(f"evaluate: run {train_m.get('run_id')} has no MLflow run (its training was untracked)")
-    run.begin()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as ckpt:
+        checkpoint = checkpoint_dir(train_m, ckpt)
+        run.begin()
         pipeline_dir = _pipeline_dir(train_m["pipeline"], tmp)
         return _sweep(run, checkpoint, pipeline_dir, prompts, parent, t0)
 
@@ -69,7 +68,7 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     from mlflow import MlflowClient
 
     from ldm.clip.encoder import load_encoder
-    from ldm.evaluate.data import real_batches, reference_specs, reference_stats
+    from ldm.evaluate.data import real_batches, reference, reference_stats
     from ldm.evaluate.registry import register_best
     from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point
     from ldm.metrics import judge as J
@@ -81,14 +80,14 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     scorer = load_encoder(cfg)
     extractor = make_extractor(cfg, scorer)
     parts = load_parts(cfg, pipeline_dir, checkpoint, scorer, extractor)
-    specs = reference_specs(cfg, prompts)
-    ref = reference_stats(cfg, specs, extractor)
+    real = reference(cfg, prompts)
+    ref = reference_stats(cfg, real, extractor)
     targets, ceiling = None, {}
     if ev.judge and prompts.specs is not None:
         parts.judge = judge_for(cfg)
         rows = [J.labels(s) for s in prompts.specs]
         targets = {k: np.array([r[k] for r in rows]) for k in J.HEADS}
-        ceiling = ceilings(parts, real_batches(cfg, specs, ev.batch_size), targets)
+        ceiling = ceilings(parts, real_batches(cfg, prompts.specs, ev.batch_size), targets)
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(parent).info.experiment_id
     common = {"n_samples": len(prompts.prompts), "resolution": cfg.ingest.resolution, "extractor": extractor.name,

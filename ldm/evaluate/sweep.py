@@ -149,10 +149,15 @@ def ceilings(parts: Parts, batches, targets: dict) -> dict[str, float]:
     return out
 
 
-def checkpoint_dir(m: dict) -> Path:
-    """The latest checkpoint folder a train manifest names; StageError when it is gone."""
+def checkpoint_dir(m: dict, tmp: str) -> Path:
+    """The latest checkpoint folder a train manifest names, local (copied into tmp from an object store);
+    StageError when it is gone."""
     raw = m.get("checkpoint")
-    path = Path(str(raw).removeprefix("file://")) if raw else None
+    url = storage.normalize(str(raw)) if raw else None
+    if url is not None and not url.startswith("file://") and storage.exists(storage.join(url, TENSORS)):
+        storage.download_folder(url, tmp)
+        url = "file://" + tmp
+    path = Path(url.removeprefix("file://")) if url else None
     if path is None or not (path / TENSORS).is_file():
         raise StageError(
             f"evaluate: run {m.get('run_id')} has no checkpoint ({raw or 'none recorded'} holds no {TENSORS}); "

@@ -131,3 +131,16 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def download_folder(url: str, local_dir: str) -> None:
+    """Copy every file under a folder URL into a local folder, keeping relative paths.
+
+    (fsspec's recursive `get` into an existing folder nests the source folder inside it.)
+    """
+    fs, path = fs_for(url)
+    root = path.rstrip("/")
+    for f in fs.find(root):
+        dest = os.path.join(local_dir, f[len(root) :].lstrip("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get(f, dest)

@@ -169,7 +169,7 @@ def train_stage(run: StageRun) -> dict:
         export_pipeline(cfg, d, pipeline_url, latents, vae_url)
     return {
         "run_id": tc.run_id, "steps": meta["step"], "skipped_steps": meta["skipped"],
-        "checkpoint": result.checkpoint.path, "pipeline": pipeline_url, "mlflow_run_id": mlflow_id,
+        "checkpoint": _as_url(result.checkpoint.path, wd.url), "pipeline": pipeline_url, "mlflow_run_id": mlflow_id,
         "latents": {"config_hash": m["config_hash"], "rows": m["rows"]},
         "timings": {"total_s": round(time.time() - t0, 2)},
     }  # fmt: skip
@@ -198,6 +198,12 @@ def _last_line(e: BaseException) -> str:
         if "Error" in line or "error" in line:
             return line.strip()[:400]
     return (text[-1] if text else repr(e))[:400]
+
+
+def _as_url(path: str, workdir_url: str) -> str:
+    """Ray reports a checkpoint as a path on its storage filesystem; give it the work directory's scheme."""
+    scheme = workdir_url.split("://", 1)[0] if "://" in workdir_url else "file"
+    return path if "://" in path else f"{scheme}://{path}" if scheme != "file" else storage.normalize(path)
 
 
 def summary(m: dict) -> str:

@@ -104,6 +104,9 @@ def _clip_checkpoint(model_cfg: dict, path: Path, aligned: bool) -> None:
     torch.save(model.state_dict(), path)
 
 
+REFERENCE = 4  # held-out reference images for the evaluation sweep
+
+
 def _world(tmp: Path) -> dict:
     """Write the stand-in checkpoints, the images, the URL parquet and the sitecustomize; their paths."""
     import numpy as np
@@ -190,6 +193,16 @@ def _overrides(world: dict, tmp: Path) -> list[str]:
         "train.warmup_steps=1",
         "train.ema_warmup=1",
         "train.sample_steps=2",
+        f"evaluate.reference=s3://{BUCKET}/eval/",
+        f"evaluate.prompt_count={REFERENCE}",
+        f"evaluate.batch_size={REFERENCE}",
+        "evaluate.guidance=[1,3]",
+        "evaluate.steps=[2]",
+        "evaluate.samplers=[ddim]",
+        "evaluate.checkpoints=[ema]",
+        # FD in the scorer CLIP's space: a full InceptionV3 (27M parameters at 299 px) is too slow here; its
+        # loader is tested on a state dict in the FID layout in tests/ldm/test_metrics.py.
+        "evaluate.extractor=clip",
     ]
     return [a for s in sets for a in ("--set", s)]
 
@@ -222,6 +235,13 @@ def inside_namespace(tmp_dir: str) -> int:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
         fs.mkdir(BUCKET)
         fs.put(str(tmp / "urls.parquet"), f"s3://{BUCKET}/laion/part-00000.parquet")
+        # evaluate.reference: held-out real images with captions as webdataset shards (prod: COCO-2014 val)
+        from ldm.io.shards import write_shard
+        from ldm.synthetic import describe, render
+
+        specs = [describe(7, i, 96) for i in range(REFERENCE)]
+        write_shard(f"s3://{BUCKET}/eval/00000.tar", [{"key": f"{i:04d}", "jpg": render(sp, 7), "txt": sp.caption}
+                                                      for i, sp in enumerate(specs)])  # fmt: skip
         cli = [sys.executable, "-m", "flows.cli", "run", "--profile", "prod", "--workdir", f"s3://{BUCKET}/work"]
         run_env = (
             os.environ
@@ -262,7 +282,8 @@ def test_prod_profile_runs_end_to_end(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     done = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=540,
                           cwd=ROOT, env=env)  # fmt: skip
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])  # noqa: E501
+
     out = tmp_path / "out"
     read = lambda sub: json.loads((out / sub / "manifest.json").read_text())  # noqa: E731
 
@@ -304,3 +325,8 @@ def test_prod_profile_runs_end_to_end(tmp_path):
     assert index["text_encoder"] == ["open_clip", "ViT-H-14"]  # the conditioning encoder, not the scorer CLIP
     unet = json.loads((out / "runs" / "sd2-base-laion" / "pipeline" / "unet" / "config.json").read_text())
     assert unet["cross_attention_dim"] == TEXT_ENCODER["text_cfg"]["width"]  # follows the text encoder
+
+    ev = json.loads((out / "runs" / "sd2-base-laion" / "eval" / "manifest.json").read_text())
+    assert ev["prompts"] == {"reference": f"s3://{BUCKET}/eval/", "count": REFERENCE}  # prompts from the reference
+    assert sorted(p["guidance"] for p in ev["grid"] if p["checkpoint"] == "ema") == [1, 3]
+    assert ev["registered_model"]["name"] == "sd2-base-laion" and ev["registered_model"]["version"]
