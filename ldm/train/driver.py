@@ -140,7 +140,7 @@ def train_stage(run: StageRun) -> dict:
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "latents": latents, "run_dir": run.out,
+        train_loop_config={"cfg": worker_config(cfg), "latents": latents, "run_dir": run.out,
                            "mlflow_run_id": mlflow_id, "sampler": _sampler_inputs(cfg, m, vae_url)},
         scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu),
         run_config=RunConfig(
@@ -190,6 +190,20 @@ def _numel(shape: list[int]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def worker_config(cfg: PipelineConfig) -> dict:
+    """The config as the workers get it: work directory and tracking store as absolute URLs.
+
+    Ray starts workers in their own folders, so a relative workdir (the demo's `work/local`) or the
+    SQLite store derived from it would point each worker somewhere else (a fresh, empty store).
+    """
+    from ldm.tracking import tracking_uri
+
+    fixed = cfg.model_copy(deep=True)
+    fixed.tracking.uri = tracking_uri(cfg)
+    fixed.workdir = storage.normalize(cfg.workdir)
+    return fixed.model_dump(mode="json")
 
 
 def _last_line(e: BaseException) -> str:

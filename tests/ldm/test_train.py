@@ -282,3 +282,16 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(cluster, inputs):
     assert checkpoints
     for f in checkpoints:
         assert all(torch.isfinite(v).all() for v in load_file(str(f)).values() if v.is_floating_point())
+
+
+def test_workers_get_absolute_workdir_and_tracking_store(tmp_path, monkeypatch):
+    """Bug caught: a relative workdir (the demo's `work/local`) handed to Ray workers, which start in their own
+    folders: their SQLite MLflow store is then another, empty file and the run id the driver made is not found."""
+    from ldm.train.driver import worker_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("work/local")
+    got = worker_config(cfg)
+    assert got["workdir"] == f"file://{tmp_path}/work/local"
+    assert got["tracking"]["uri"] == f"sqlite:///{tmp_path}/work/local/mlflow.db"
+    assert cfg.workdir == "work/local"  # the driver's own config is left as the user wrote it
