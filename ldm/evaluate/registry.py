@@ -72,6 +72,9 @@ def register_best(client, name: str, run_id: str, pipeline_dir: Path, unet, poin
             unet.save_pretrained(root / "unet", safe_serialization=True)
         sampling = {k: point[k] for k in ("guidance", "steps", "sampler", "checkpoint")}
         (root / SAMPLING).write_text(json.dumps(sampling))
+        # The fluent API logs to the process-wide store: point it at the client's (the sweep's) store, or the
+        # model lands in ./mlruns when no earlier stage of this process set it (a rerun that skipped them).
+        mlflow.set_tracking_uri(client.tracking_uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="pipeline",

@@ -106,12 +106,18 @@ def latent_dataset(latents_url: str, expect: dict[str, Any] | None = None, shuff
 
 
 def collate(batch: dict[str, np.ndarray], latent_shape: list[int], text_dim: int) -> dict[str, Any]:
-    """Rows -> tensors: latents float32 [B,C,h,w]; text states float32 [B,L,D] padded to the batch's longest
-    caption, with a bool attention mask [B,L] (True on real tokens)."""
+    """Rows -> tensors: latents float32 [B,C,h,w] times each row's scale factor; text states float32 [B,L,D]
+    padded to the batch's longest caption, with a bool attention mask [B,L] (True on real tokens).
+
+    The stored latents are the VAE's own; the diffusion process expects data of unit variance, so, as in
+    Stable Diffusion (z * 0.18215), they are multiplied by the scale factor here and divided by it before
+    decoding.
+    """
     import torch
 
     n = len(batch["latent"])
     latents = np.stack([np.frombuffer(b, np.float16).reshape(latent_shape) for b in batch["latent"]])
+    latents = latents.astype(np.float32) * np.asarray(batch["scale_factor"], np.float32).reshape(-1, 1, 1, 1)
     lengths = np.asarray(batch["text_len"], dtype=np.int64)
     longest = int(lengths.max()) if n else 0
     text = np.zeros((n, longest, text_dim), np.float32)
@@ -119,7 +125,7 @@ def collate(batch: dict[str, np.ndarray], latent_shape: list[int], text_dim: int
         text[i, :length] = np.frombuffer(b, np.float16).reshape(length, text_dim)
     mask = np.arange(longest)[None, :] < lengths[:, None]
     return {
-        "latents": torch.from_numpy(latents.astype(np.float32)),
+        "latents": torch.from_numpy(latents),
         "text": torch.from_numpy(text),
         "mask": torch.from_numpy(mask),
         "lengths": torch.from_numpy(lengths),

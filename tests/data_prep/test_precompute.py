@@ -108,6 +108,10 @@ def test_read_path_collates_padded_batches_with_a_mask(latents):
     ):
         t = collate(batch, lm["latent_shape"], lm["text_dim"])
         b = t["latents"].shape[0]
+        # Bug caught: training on the VAE's raw latents (std 1/scale factor) while sampling decodes z / scale:
+        # the diffusion data must be the latents times the scale factor.
+        raw = np.stack([np.frombuffer(z, np.float16).reshape(lm["latent_shape"]) for z in batch["latent"]])
+        assert np.allclose(t["latents"].numpy(), raw.astype(np.float32) * lm["scale_factor"], rtol=1e-6)
         assert tuple(t["latents"].shape) == (b, *lm["latent_shape"]) and t["latents"].dtype.is_floating_point
         assert t["text"].shape[:2] == t["mask"].shape and t["text"].shape[1] == int(t["lengths"].max())
         assert (t["mask"].sum(1) == t["lengths"]).all()

@@ -58,6 +58,9 @@ def test_sweeps_of_two_runs_compare_and_register_a_loadable_model(trained):
     from flows.registry import run
 
     workdir, cfgs = trained
+    # A process whose global MLflow store is elsewhere (as when `ldm run` skipped every earlier stage): the
+    # model must still be logged to the configured store, or registering it finds no run.
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/elsewhere.db")
     manifests = {name: run("evaluate", cfg) for name, cfg in cfgs.items()}
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
     client = MlflowClient()
