@@ -228,6 +228,9 @@ def check_references(b: Bundle) -> None:
     secrets = _secret_keys(b)
     maps = {d["metadata"]["name"]: set(d["data"]) for d in of_kind(b, "ConfigMap")}
     claims = {d["metadata"]["name"] for d in of_kind(b, "PersistentVolumeClaim")}
+    # s3fs / boto read exactly these names from the environment the envFrom of ldm-s3 makes
+    missing = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} - secrets.get("ldm-s3", set())
+    assert not missing, f"Secret ldm-s3 lacks {sorted(missing)}: S3 clients would find no credentials"
     for where, c in containers(b):
         for src in c.get("envFrom", []):
             if "secretRef" in src:
@@ -255,7 +258,9 @@ def check_no_credentials(b: Bundle) -> None:
     """Secrets are templates (${PLACEHOLDER} values), the ConfigMap and the Dockerfile carry no credential."""
     for d in of_kind(b, "Secret"):
         for key, value in {**d.get("stringData", {}), **d.get("data", {})}.items():
-            assert PLACEHOLDER.match(str(value)), f"Secret {d['metadata']['name']}/{key} holds a value, not ${{{key}}}"
+            where = f"Secret {d['metadata']['name']}/{key}"
+            assert PLACEHOLDER.match(str(value)), f"{where} holds a value, not a ${{PLACEHOLDER}}"
+            assert value == f"${{{key}}}", f"{where} is filled from {value}, not ${{{key}}}"
     for key in endpoints(b):
         assert not CREDENTIAL_NAME.search(key), f"ConfigMap ldm-endpoints holds {key}: credentials go in a Secret"
     for line in b.dockerfile.splitlines():

@@ -143,6 +143,15 @@ def _drop_secret_key(b: Bundle) -> None:
     checks.one(b, "Secret", "mlflow-postgres")["stringData"].pop("POSTGRES_DB")
 
 
+def _rename_s3_key(b: Bundle) -> None:
+    keys = checks.one(b, "Secret", "ldm-s3")["stringData"]
+    keys["aws_access_key_id"] = keys.pop("AWS_ACCESS_KEY_ID")
+
+
+def _swap_placeholders(b: Bundle) -> None:
+    checks.one(b, "Secret", "ldm-s3")["stringData"]["AWS_SECRET_ACCESS_KEY"] = "${AWS_ACCESS_KEY_ID}"
+
+
 def _paste_a_key(b: Bundle) -> None:
     checks.one(b, "Secret", "ldm-s3")["stringData"]["AWS_SECRET_ACCESS_KEY"] = "wJalrXUtnFEMI/K7MDENG"
 
@@ -195,7 +204,9 @@ DRIFTS = [
     (checks.check_mlflow_endpoints, _prod_tracking_elsewhere),
     (checks.check_mlflow_endpoints, _drop_allowed_host),
     (checks.check_references, _drop_secret_key),
+    (checks.check_references, _rename_s3_key),
     (checks.check_no_credentials, _paste_a_key),
+    (checks.check_no_credentials, _swap_placeholders),
     (checks.check_no_credentials, _run_as_root),
     (checks.check_ray_sizes, _grow_object_store),
     (checks.check_ray_sizes, _more_workers),
@@ -216,7 +227,8 @@ def test_infra_agrees(bundle, check):
 @pytest.mark.parametrize("check,drift", DRIFTS, ids=lambda x: x.__name__)
 def test_check_catches_drift(bundle, check, drift):
     """Each check fails on a plausible drift: the image tag of one place, the RayCluster renamed without the
-    ConfigMap, the MLflow port moved, a Secret key dropped, a key pasted into a template, an object store larger
+    ConfigMap, the MLflow port moved, a Secret key dropped or renamed, a key pasted into a template or
+    two placeholders swapped, an object store larger
     than /dev/shm, more training workers than GPUs, another namespace, a public dashboard, a pool variable left
     unused, Ray or torch moved in one place only, the server refusing its own service name, a root image."""
     b = copy.deepcopy(bundle)
