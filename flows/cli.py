@@ -8,6 +8,7 @@ import traceback
 
 import yaml
 
+from flows.plan import plan
 from flows.registry import STAGES, run
 from ldm.config import ConfigError, PipelineConfig, load_config, parse_override, set_dotted, to_yaml
 from ldm.io.manifest import StageError
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="sample.png", help="PNG path (several prompts: <out>-<i>.png)")
+
+    plan_cmd = sub.add_parser("plan", help="print the stages, their inputs, outputs, resources and GPU-hours")
+    _common(plan_cmd)
 
     run = sub.add_parser("run", help="run every stage in order on one profile")
     run.add_argument("--overwrite", action="store_true", help="replace output made from another config")
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         sys.stdout.write(to_yaml(cfg))
+        return 0
+    if args.command == "plan":
+        sys.stdout.write(plan(cfg, args.profile))
         return 0
     names = [args.name] if args.command == "stage" else [s.name for s in STAGES]
     name = names[0]

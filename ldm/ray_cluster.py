@@ -13,6 +13,7 @@ import socket
 
 from ldm.config import PipelineConfig
 from ldm.io.manifest import StageError
+from ldm.stage import redirect_library_logs
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -41,7 +42,9 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
     Returns the cluster's resources. On an existing cluster the job shows up on its dashboard.
     """
     import ray
+    import ray.data  # noqa: F401 - configures Ray's and Ray Data's loggers at import: import, then redirect them
 
+    redirect_library_logs()  # Ray's start-up lines and Ray Data's execution plans go to the stage's log
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
         if address:

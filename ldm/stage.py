@@ -8,10 +8,16 @@ config, record the intent before the first write, and commit the manifest last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
-from collections.abc import Callable
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,6 +255,74 @@ def finished_input(wd: Workdir, name: str, cfg: PipelineConfig, _seen: dict[str,
     return m
 
 
+# Libraries whose own log records are chatter to the user: Ray's start-up, Ray Data's execution plans, MLflow's
+# and alembic's store set-up, HTTP retries. While a stage works they go to W/logs/<stage>.log ("" = the root
+# logger, where alembic's fileConfig puts a stderr handler). The stage's own progress bar and summary stay.
+LIBRARY_LOGGERS = ("", "ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "sqlalchemy", "urllib3",
+                   "img2dataset", "botocore", "s3fs", "fsspec", "filelock")  # fmt: skip
+_stage_log: logging.FileHandler | None = None
+_saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+
+def stage_log_file() -> str | None:
+    """The local file the running stage's library chatter goes to; None outside a stage."""
+    return _stage_log.baseFilename if _stage_log else None
+
+
+def redirect_library_logs() -> None:
+    """Point the library loggers at the running stage's log file; call again after importing a library that
+    configures its loggers at import (ray, ray.data, mlflow), since that replaces their handlers."""
+    # Ray Data reads this when first imported; a live DataContext is switched directly (looked up, not
+    # imported: ldm.stage stays free of Ray). Its execution plans still reach the log through its logger.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    data = sys.modules.get("ray.data")
+    if data is not None and os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1":
+        data.DataContext.get_current().enable_progress_bars = False
+    if _stage_log is None:
+        return
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        _saved_loggers.setdefault(name, (logger.handlers[:], logger.propagate))
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+        logger.addHandler(_stage_log)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def stage_log(wd: Workdir, name: str) -> Iterator[str]:
+    """Library chatter of one stage's work into W/logs/<name>.log (appended); yields that URL.
+
+    An object-store work directory gets a local file, uploaded when the stage ends.
+    """
+    global _stage_log
+    url = wd.path("logs", f"{name}.log")
+    remote = not url.startswith("file://")
+    local = os.path.join(tempfile.mkdtemp(prefix="ldm-log-"), f"{name}.log") if remote else url[len("file://") :]
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    if remote and storage.exists(url):  # append to the earlier runs' log, as a local file would be
+        fs, path = storage.fs_for(url)
+        Path(local).write_bytes(fs.cat_file(path))
+    handler = logging.FileHandler(local, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    _stage_log = handler
+    try:
+        redirect_library_logs()
+        yield url
+    finally:
+        _stage_log = None
+        for logger_name, (handlers, propagate) in _saved_loggers.items():
+            logger = logging.getLogger(logger_name)
+            logger.handlers, logger.propagate = handlers, propagate
+        _saved_loggers.clear()
+        handler.close()
+        if remote:  # the log is a convenience: an upload error must not fail the stage or hide its own error
+            with contextlib.suppress(Exception):
+                storage.write_bytes_atomic(url, Path(local).read_bytes())
+            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+
+
 def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False, allow_partial: bool = False) -> dict:
     """Run one stage through the protocol: inputs checked, skip if done, begin, work, commit. Returns the manifest.
 
@@ -279,7 +353,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False, allow_
             storage.remove(target)
         wd = dataclasses.replace(wd, staged=((stage.name, target),))
     run = StageRun(stage, cfg, wd, target, chash, config, inputs, resumed=state is manifest.OutputState.RESUME)
-    fields = stage.function("work")(run)
+    with stage_log(wd, stage.name) as log_url:
+        fields = stage.function("work")(run)
     run.begin()
     skipped = fields.get("skipped") or []
     if skipped and not allow_partial:
@@ -294,5 +369,5 @@ def run_stage(stage: Stage, cfg: PipelineConfig, overwrite: bool = False, allow_
     )
     manifest.swap(out)
     if stage.summary is not None:
-        print(stage.function("summary")(result))
+        print(stage.function("summary")(result) + f"\n  library logs: {log_url}")
     return result

@@ -11,7 +11,7 @@ from typing import Any
 
 from ldm.config import PipelineConfig
 from ldm.io import storage
-from ldm.stage import Workdir
+from ldm.stage import Workdir, redirect_library_logs
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -103,6 +103,7 @@ def mlflow_run(cfg: PipelineConfig, name: str, params: dict[str, Any] | None = N
             mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
     except Exception as e:  # noqa: BLE001 - see _Tracker
         tracker.fail(e)
+    redirect_library_logs()  # mlflow's loggers (set at its import) and alembic's (set when the store opened)
     status = "FAILED"
     try:
         yield tracker

@@ -21,7 +21,7 @@ from data_prep.sources import open_source
 from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.manifest import StageError
-from ldm.stage import StageRun
+from ldm.stage import StageRun, stage_log_file
 
 OOM_SHARD_COUNT = 5  # shard names are 5 digits: 00000.tar
 
@@ -125,13 +125,16 @@ def ingest(run: StageRun) -> dict:
         t0 = time.time()
         if len(before) < expected_shards:
             with tempfile.TemporaryDirectory() as tmp:
-                log = os.path.join(tmp, "img2dataset.log")
+                # img2dataset's chatter goes to the stage's log (W/logs/ingest.log) when run through the protocol
+                log = stage_log_file() or os.path.join(tmp, "img2dataset.log")
                 try:
                     with _quiet(log) as stderr_fd, _progress(shards_url, sum(prepared.rows), stderr_fd):
                         _download(cfg, input_url, shards_url, prepared.extras)
                 finally:
-                    with open(log, "rb") as f:
-                        storage.write_bytes_atomic(storage.join(out, "logs", f"ingest-{int(t0)}.log"), f.read())
+                    if log != stage_log_file():
+                        with open(log, "rb") as f:
+                            url = storage.join(out, "logs", f"ingest-{int(t0)}.log")
+                            storage.write_bytes_atomic(url, f.read())
         download_s = time.time() - t0
     stats = read_shard_stats(shards_url)
     if len(stats) != expected_shards:
