@@ -289,6 +289,14 @@ def redirect_library_logs() -> None:
         logger.propagate = False
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A log file (and its folder) made on the first record: a stage refused before any work writes nothing."""
+
+    def _open(self):  # noqa: ANN202 - logging's own signature
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
 @contextlib.contextmanager
 def stage_log(wd: Workdir, name: str) -> Iterator[str]:
     """Library chatter of one stage's work into W/logs/<name>.log (appended); yields that URL.
@@ -299,11 +307,10 @@ def stage_log(wd: Workdir, name: str) -> Iterator[str]:
     url = wd.path("logs", f"{name}.log")
     remote = not url.startswith("file://")
     local = os.path.join(tempfile.mkdtemp(prefix="ldm-log-"), f"{name}.log") if remote else url[len("file://") :]
-    os.makedirs(os.path.dirname(local), exist_ok=True)
     if remote and storage.exists(url):  # append to the earlier runs' log, as a local file would be
         fs, path = storage.fs_for(url)
         Path(local).write_bytes(fs.cat_file(path))
-    handler = logging.FileHandler(local, encoding="utf-8")
+    handler = _LazyFileHandler(local, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     _stage_log = handler
