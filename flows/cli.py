@@ -152,10 +152,13 @@ def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if workdir.startswith("file://") and "PREFECT_HOME" not in os.environ:
         # The ephemeral API's SQLite database and logs live with the run's other outputs, not in ~/.prefect.
         os.environ["PREFECT_HOME"] = os.path.join(workdir.removeprefix("file://"), ".prefect")
+    from flows.endpoints import env_overrides
     from flows.flow import train_ldm  # imported late: PREFECT_HOME must be set before Prefect reads its settings
+    from flows.report import closing_lines
+    from ldm.tracking import tracking_uri
 
     try:
-        train_ldm(args.profile, args.overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
+        results = train_ldm(args.profile, args.overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
     except ConfigError as e:
         print(f"ldm: config error: {e}", file=sys.stderr)
         return 2
@@ -164,6 +167,8 @@ def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
             traceback.print_exc()
         print(f"ldm: {describe(e)}", file=sys.stderr)
         return 1
+    cfg = load_config(args.profile, env_overrides(cfg) + args.overrides, args.workdir)  # as the flow saw it
+    print(closing_lines(cfg, tracking_uri(cfg), results))
     return 0
 
 

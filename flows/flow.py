@@ -122,5 +122,6 @@ def train_ldm(
     results = {}
     for name in names:
         results[name] = TASKS[name](name, profile, overrides, workdir, overwrite, allow_partial)
-    print(report.closing_lines(cfg, tracking_uri(cfg), results))
+    # For the Prefect UI; `ldm run` prints the same lines on the terminal once the flow has returned.
+    create_markdown_artifact(f"```\n{report.closing_lines(cfg, tracking_uri(cfg), results)}\n```", key="pipeline")
     return results

@@ -23,8 +23,11 @@ POLL_S = 2.0
 
 
 def entrypoint(name: str, profile: str, overrides: list[str], workdir: str | None, flags: list[str]) -> str:
-    """The shell command the job runs: the stage's direct path with this flow run's config."""
-    args = ["python", "-m", "flows.cli", "stage", name, "--profile", profile, *flags]
+    """The shell command the job runs: the stage's direct path with this flow run's config.
+
+    RAY_ADDRESS=auto: the stage joins the cluster the job runs on (with no address it would start its own).
+    """
+    args = ["env", "RAY_ADDRESS=auto", "python", "-m", "flows.cli", "stage", name, "--profile", profile, *flags]
     if workdir:
         args += ["--workdir", workdir]
     for item in overrides:

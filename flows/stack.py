@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "local-process"  # the process work pool train-ldm/local runs on (prefect.yaml names it)
+PROD_POOL = "k8s-gpu"  # train-ldm/prod's Kubernetes pool
 # Ports users open; Ray's internal ports are picked free at `up` so two clusters never share one.
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 8265, "s3": 9000}
 RAY_INTERNAL = ("gcs", "client", "agent_listen", "agent_grpc", "metrics", "runtime_env", "node_manager", "object")
@@ -211,6 +212,20 @@ def session_pids(sid: int) -> list[int]:
     return found
 
 
+def stack_pids(state: dict) -> list[int]:
+    """Every live process the stack started: its services' sessions, and any Ray process that left its session
+    (found by the stack's own Ray temp dir on its command line)."""
+    pids = {p for svc in state["services"].values() for p in session_pids(svc["pid"])}
+    marker = (state.get("ray_temp") or "\0").encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes():
+                pids.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return sorted(pids - {os.getpid()})
+
+
 def _start(name: str, base: Path, state: dict, env: dict) -> None:
     log = base / "logs" / f"{name}.log"
     with open(log, "ab") as f:
@@ -289,6 +304,8 @@ def up(base: Path, ports_spec: str | None = None) -> dict:
             _start(name, base.resolve(), state, env)
         _wait_healthy(["s3", "mlflow", "prefect", "ray"], state)
         _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], base, state, env)
+        # train-ldm/prod names this pool; it must exist to register. No worker serves it here.
+        _prefect(["work-pool", "create", PROD_POOL, "--type", "kubernetes", "--overwrite"], base, state, env)
         _start("worker", base.resolve(), state, env)
         _prefect(["deploy", "--all"], base, state, {**env, "LDM_REPO_DIR": str(ROOT)})
         _wait_healthy(["worker"], state)
@@ -319,7 +336,11 @@ def down(base: Path) -> list[int]:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(session_pids(p) for p in live):
             time.sleep(0.2)
-    left = [p for pid in leaders for p in session_pids(pid)]
+    for pid in stack_pids(state):  # a Ray process that left its session: not a group we can signal
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    left = stack_pids(state)
     if not left:
         shutil.rmtree(state.get("ray_temp") or "/nonexistent", ignore_errors=True)
         (base / "state.json").unlink(missing_ok=True)

@@ -156,5 +156,5 @@ def test_a_planted_credential_is_in_no_config_dump_mlflow_param_prefect_artifact
                           text=True, timeout=300)  # fmt: skip
     assert read.returncode == 0, read.stderr[-3000:]
     prefect = json.loads(read.stdout.strip().splitlines()[-1])
-    assert len(prefect["artifacts"]) == 2 and any("ingest summary" in m for m in prefect["logs"])
+    assert len(prefect["artifacts"]) == 3 and any("ingest summary" in m for m in prefect["logs"])
     assert SECRET not in json.dumps(prefect)

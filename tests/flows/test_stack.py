@@ -70,8 +70,7 @@ def test_stack_runs_the_deployment_end_to_end(tmp_path):
         down = _cli(sys.executable, "-m", "flows.cli", "stack", "down", "--dir", str(base), env=env)
     assert down.returncode == 0, down.stdout + down.stderr
     assert state is not None
-    left = [p for svc in state["services"].values() for p in stack.session_pids(svc["pid"])]
-    assert left == []
+    assert stack.stack_pids(state) == []
 
 
 def _tail(path: Path) -> str:
@@ -108,7 +107,7 @@ def _check_prefect(api: str) -> None:
     stages = ["ingest", "train-clip", "train-aesthetic", "filter", "train-vae", "precompute", "train", "evaluate"]
     assert sorted(t.name for t in tasks) == sorted(stages)
     assert {t.name: t.state_type.value for t in tasks} == dict.fromkeys(stages, "COMPLETED")
-    assert sorted(a.key for a in artifacts) == sorted(f"stage-{s}" for s in stages)
+    assert sorted(a.key for a in artifacts) == sorted(["pipeline", *(f"stage-{s}" for s in stages)])
     train = next(a for a in artifacts if a.key == "stage-train").data
     assert "ldm-train-" in train and "/#/jobs/" in train and "#/experiments/" in train  # Ray job + MLflow run links
 
