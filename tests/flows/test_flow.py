@@ -54,7 +54,8 @@ def test_unreachable_endpoints_fail_fast_naming_them(tmp_path, monkeypatch):
     # The same check ends the whole flow run before its first stage, in one line naming the endpoint.
     done = _ldm(tmp_path, "run", "--profile", "test", "--workdir", str(tmp_path / "w"), "--set",
                 f"compute.ray_address={dead}")  # fmt: skip
-    assert done.returncode == 1 and f"Ray dashboard (job API) at {dead}" in done.stderr.splitlines()[-1]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ldm: ")]
+    assert done.returncode == 1 and len(errors) == 1 and f"Ray dashboard (job API) at {dead}" in errors[0]
     assert not (tmp_path / "w" / "raw").exists()
 
 

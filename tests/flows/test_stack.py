@@ -25,8 +25,17 @@ from tests.helpers import free_port
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "stack-e2e"
 # The test profile, smaller where only the plumbing is under test (the stages' own tests check their numbers).
-FAST = ["clip.epochs=4", "aesthetic.epochs=20", "vae.steps=20", "train.steps=2", "train.checkpoint_every=2",
-        "train.log_every=1", "evaluate.prompt_count=6", "evaluate.batch_size=6"]  # fmt: skip
+FAST = [
+    "clip.epochs=4",
+    "aesthetic.epochs=20",
+    "filter.aesthetic_min=0",
+    "vae.steps=20",
+    "train.steps=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "evaluate.prompt_count=6",
+    "evaluate.batch_size=6",
+]
 
 
 def _cli(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
