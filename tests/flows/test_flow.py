@@ -100,7 +100,7 @@ def test_a_killed_flow_run_resumes_without_redoing_finished_stages(tmp_path):
     that trusts a half-written output (train-clip killed mid-stage is taken as done)."""
     w = tmp_path / "w"
     args = ["run", "--profile", "test", "--workdir", str(w), "--stages", "ingest", "train-clip",
-            "--set", "clip.epochs=60"]  # fmt: skip
+            "--set", "clip.epochs=10"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     clip = w / "models" / "clip"
