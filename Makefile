@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
+	# img2dataset 1.47 requires the Python 3.6 `dataclasses` backport; on 3.11 its dataclasses.py in site-packages
+	# shadows the stdlib module wherever site-packages comes first on sys.path, as in Prefect's ephemeral API
+	# server (uvicorn --app-dir site-packages), which then dies at start and `ldm run` with it.
+	$(BIN)/python -m pip uninstall -y -q dataclasses
 	rm -f $(VENV)/.installed-*
 	touch $@
 

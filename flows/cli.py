@@ -59,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd = sub.add_parser("plan", help="print the stages, their inputs, outputs, resources and GPU-hours")
     _common(plan_cmd)
 
-    run = sub.add_parser("run", help="run every stage in order on one profile")
+    run = sub.add_parser("run", help="run every stage in order on one profile (the train-ldm flow, in-process)")
     run.add_argument("--overwrite", action="store_true", help="replace output made from another config")
     run.add_argument("--allow-partial", action="store_true", help="commit even if some input shards were unreadable")
+    run.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="run only these stages (in order)")
     _common(run)
+
+    stack = sub.add_parser("stack", help="the local stack: Prefect, a worker, MLflow, Ray and S3 on 127.0.0.1")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--dir", default=".stack", help="where pids, logs and state live (default: .stack)")
+    stack.add_argument("--ports", default=None, metavar="NAME=PORT,...", help="e.g. prefect=4200,mlflow=5000")
     return parser
 
 
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "stack":
+        from flows import stack
+
+        return stack.main(args.action, args.dir, args.ports)
     try:
         if getattr(args, "resume", None):
             return _resume(args)
@@ -119,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         sys.stdout.write(plan(cfg, args.profile))
         return 0
-    names = [args.name] if args.command == "stage" else [s.name for s in STAGES]
+    if args.command == "run":
+        return _run_flow(args, cfg)
+    names = [args.name]
     name = names[0]
     try:
         for name in names:
@@ -130,6 +142,40 @@ def main(argv: list[str] | None = None) -> int:
         msg = describe(e).removeprefix(f"{name}: ")  # many StageErrors already name their stage
         print(f"ldm: {name}: {msg}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    """`ldm run`: the train-ldm flow in this process, on Prefect's ephemeral API unless PREFECT_API_URL names one."""
+    import os
+    import sysconfig
+
+    shadow = os.path.join(sysconfig.get_paths()["purelib"], "dataclasses.py")
+    if os.path.exists(shadow):  # img2dataset pulls in the Python 3.6 backport; see the Makefile
+        print(f"ldm: run: {shadow} (the `dataclasses` backport) shadows the standard library in Prefect's API "
+              "server, which then cannot start; remove it: pip uninstall dataclasses", file=sys.stderr)  # fmt: skip
+        return 1
+    workdir = Workdir.of(cfg).url
+    if workdir.startswith("file://") and "PREFECT_HOME" not in os.environ:
+        # The ephemeral API's SQLite database and logs live with the run's other outputs, not in ~/.prefect.
+        os.environ["PREFECT_HOME"] = os.path.join(workdir.removeprefix("file://"), ".prefect")
+    from flows.endpoints import env_overrides
+    from flows.flow import train_ldm  # imported late: PREFECT_HOME must be set before Prefect reads its settings
+    from flows.report import closing_lines
+    from ldm.tracking import tracking_uri
+
+    try:
+        results = train_ldm(args.profile, args.overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
+    except ConfigError as e:
+        print(f"ldm: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - every stage failure becomes one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"ldm: {describe(e)}", file=sys.stderr)
+        return 1
+    cfg = load_config(args.profile, env_overrides(cfg) + args.overrides, args.workdir)  # as the flow saw it
+    print(closing_lines(cfg, tracking_uri(cfg), results))
     return 0
 
 
