@@ -36,6 +36,7 @@ def _quiet(log_path: str) -> Iterator[int]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)  # the stage log's folder is made on first use
     with open(log_path, "ab") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
