@@ -11,7 +11,7 @@ import yaml
 from flows.plan import plan
 from flows.registry import STAGES, run
 from ldm.config import ConfigError, PipelineConfig, load_config, parse_override, set_dotted, to_yaml
-from ldm.io.manifest import StageError
+from ldm.io.manifest import StageError, root_cause
 from ldm.io.storage import StorageError
 from ldm.stage import Workdir
 
@@ -76,21 +76,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def root_cause(e: BaseException) -> BaseException:
-    """The innermost error under wrappers: Ray's RayTaskError (`.cause`) and explicit `raise ... from`."""
-    seen = set()
-    while id(e) not in seen and not isinstance(e, StageError | StorageError):
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    return e
-
-
 def describe(e: BaseException) -> str:
     """One line for the user: what went wrong (the file, bucket or address) and what to do."""
-    cause = root_cause(e)
+    cause = root_cause(e, stop=(StageError, StorageError))
     kind = type(cause).__name__
     if isinstance(cause, StageError | StorageError):
         return _one_line(cause)

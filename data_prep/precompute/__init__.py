@@ -27,7 +27,7 @@ from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.latents import part_bytes
-from ldm.io.manifest import StageError
+from ldm.io.manifest import StageError, root_cause
 from ldm.io.shards import ShardError
 from ldm.ray_cluster import ensure_ray
 from ldm.stage import StageRun, content_id
@@ -193,18 +193,6 @@ def _check_tar_end(url: str) -> None:
             f"precompute: filtered shard {url} is truncated ({size} bytes, no end-of-archive marker); "
             "rerun the filter stage with --overwrite"
         )
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The innermost error under Ray's wrappers (`.cause` of RayTaskError, the chained cause of the rest)."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    return e
 
 
 def _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending) -> int:

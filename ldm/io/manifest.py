@@ -21,6 +21,18 @@ class StageError(RuntimeError):
     """A stage refused its input or output; the message is one line for the user."""
 
 
+def root_cause(e: BaseException, stop: tuple[type[BaseException], ...] = ()) -> BaseException:
+    """The innermost error under wrappers (Ray's RayTaskError `.cause`, `raise ... from`), or the first `stop` kind."""
+    seen = set()
+    while id(e) not in seen and not isinstance(e, stop):
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
 class OutputState(Enum):
     """What a stage finds in its output folder before it starts."""
 
