@@ -91,3 +91,14 @@ def components(tmp_path_factory, ingested):
         "filter": run_stage("filter", cfg),
     }
     return cfg, manifests
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads on a busy 2-core box stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

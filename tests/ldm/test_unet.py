@@ -13,13 +13,7 @@ from ldm.unet import UNET_SIZES, build_unet, check_unet_matches, unet_config
 SD2_BASE_PARAMS = 865_910_724  # stabilityai/stable-diffusion-2-base's UNet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and two OpenMP threads on a busy 2-core box stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registry_matches_the_config_literal():
