@@ -152,6 +152,9 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
         .map_batches(TextEmbedder, fn_constructor_args=(cfg_dict,), batch_size=pc.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=text_actors), **text_res)
     )  # fmt: skip
+    # Rows reach the driver in shard order, so it holds at most the one shard it is assembling (plus
+    # the batch in hand), whatever the row count: unordered, every shard in flight could be partly here.
+    ds.context.execution_options.preserve_order = True
     pending: dict[str, list[dict]] = defaultdict(list)
     written = 0
     try:
