@@ -125,7 +125,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="evaluate",
-        fields=("evaluate", "seed", "source", "ingest.resolution"),
+        fields=("evaluate", "seed", "source", "ingest.resolution", "filter.aesthetic_min"),
         work="ldm.evaluate.stage:evaluate_stage",
         summary="ldm.evaluate.stage:summary",
         inputs=_evaluate_inputs,

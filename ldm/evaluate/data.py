@@ -65,10 +65,26 @@ def prompt_set(cfg: PipelineConfig) -> PromptSet:
         return PromptSet(captions, None, {"reference": ev.reference, "count": ev.prompt_count})
     if cfg.source.kind != "synthetic":
         raise StageError("evaluate: a parquet source has no held-out prompts; set evaluate.reference")
+    # Held-out scenes from the distribution the UNet learned: the filter keeps ratings >= aesthetic_min, so
+    # a blurred or cropped-off scene (whose caption the judge cannot check against its own picture) is
+    # not a prompt the model was taught to draw.
+    floor = cfg.filter.aesthetic_min
     rng = np.random.default_rng(ev.prompt_seed)
-    indices = sorted(HELDOUT_START + int(i) for i in rng.choice(HELDOUT_SPAN, ev.prompt_count, replace=False))
-    specs = [describe(cfg.source.seed, i, cfg.source.image_size) for i in indices]
-    origin = {"heldout": True, "count": ev.prompt_count, "seed": ev.prompt_seed, "source_seed": cfg.source.seed}
+    specs = []
+    for i in rng.choice(HELDOUT_SPAN, min(HELDOUT_SPAN, 8 * ev.prompt_count), replace=False):
+        spec = describe(cfg.source.seed, HELDOUT_START + int(i), cfg.source.image_size)
+        if spec.rating >= floor:
+            specs.append(spec)
+            if len(specs) == ev.prompt_count:
+                break
+    else:
+        raise StageError(
+            f"evaluate: too few held-out scenes rated >= {floor} (filter.aesthetic_min) for "
+            f"{ev.prompt_count} prompts (evaluate.prompt_count); lower one of them"
+        )
+    specs.sort(key=lambda s: s.index)
+    origin = {"heldout": True, "count": ev.prompt_count, "seed": ev.prompt_seed, "source_seed": cfg.source.seed,
+              "min_rating": floor}  # fmt: skip
     return PromptSet([s.caption for s in specs], specs, origin)
 
 

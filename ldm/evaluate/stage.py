@@ -70,29 +70,35 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     from ldm.clip.encoder import load_encoder
     from ldm.evaluate.data import real_batches, reference, reference_stats
     from ldm.evaluate.registry import register_best
-    from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point
+    from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point, sampling_bf16
     from ldm.metrics import judge as J
     from ldm.metrics.features import make_extractor
     from ldm.tracking import tracking_uri
     from ldm.train.tracking import grid_png
 
     cfg, ev = run.cfg, run.cfg.evaluate
+    clock = _Clock(t0)
     scorer = load_encoder(cfg)
     extractor = make_extractor(cfg, scorer)
     parts = load_parts(cfg, pipeline_dir, checkpoint, scorer, extractor)
     real = reference(cfg, prompts)
     ref = reference_stats(cfg, real, extractor)
+    clock.lap("setup_s")
     targets, ceiling = None, {}
     if ev.judge and prompts.specs is not None:
         parts.judge = judge_for(cfg)
+        clock.lap("judge_s")
         rows = [J.labels(s) for s in prompts.specs]
         targets = {k: np.array([r[k] for r in rows]) for k in J.HEADS}
         ceiling = ceilings(parts, real_batches(cfg, prompts.specs, ev.batch_size), targets)
+        clock.lap("ceilings_s")
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(parent).info.experiment_id
+    bf16 = sampling_bf16(ev.mixed_precision, parts.unets["ema"].device.type)
     common = {"n_samples": len(prompts.prompts), "resolution": cfg.ingest.resolution, "extractor": extractor.name,
               "weights_hash": extractor.weights_hash, "prompts": manifest.digest(prompts.origin),
-              "seed": cfg.seed, "batch_size": ev.batch_size}  # fmt: skip
+              "seed": cfg.seed, "batch_size": ev.batch_size,
+              "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
     rows, keys, logged, skipped = [], {}, 0, 0
     for point in grid_points(ev):
         params = {**point, **common, "model_hash": parts.model_hashes[point["checkpoint"]]}
@@ -108,7 +114,8 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
             name = f"eval/{point['checkpoint']}/{point['sampler']}/s{point['steps']}/g{point['guidance']:g}"
             child = client.create_run(experiment, run_name=name,
                                       tags={"mlflow.parentRunId": parent, POINT_TAG: key}).info.run_id  # fmt: skip
-            metrics, first = run_point(parts, prompts.prompts, targets, ref, point, cfg.seed, ev.batch_size)
+            metrics, first = run_point(parts, prompts.prompts, targets, ref, point, cfg.seed, ev.batch_size,
+                                      ev.mixed_precision)  # fmt: skip
             for k, v in params.items():
                 client.log_param(child, k, v)
             for k, v in metrics.items():
@@ -120,6 +127,7 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
             logged += 1
         keys[child] = key
         rows.append({**point, **{k: metrics.get(k, float("nan")) for k in METRICS}, "mlflow_run_id": child})
+    clock.lap("points_s")
     best = best_point(rows, ev.best_rule, ev.clip_floor)
     untrained = next(r for r in rows if r["checkpoint"] == "untrained")
     csv_bytes, plot = _csv(rows), _pareto_png(rows)
@@ -141,8 +149,23 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
         "registered_model": {"name": ev.registered_model, "version": version, "alias": "candidate"},
         "points": {"logged": logged, "skipped": skipped}, "mlflow_parent_run_id": parent,
         "plot": storage.join(run.out, "pareto.png"), "csv": storage.join(run.out, "grid.csv"),
-        "timings": {"total_s": round(time.time() - t0, 2)},
+        "timings": {**clock.laps, "register_s": clock.since(), "total_s": round(time.time() - t0, 2)},
     }  # fmt: skip
+
+
+class _Clock:
+    """Seconds per phase of the sweep, for the manifest (where the stage's minutes go)."""
+
+    def __init__(self, t0: float):
+        self.last, self.laps = t0, {}
+
+    def since(self) -> float:
+        """Seconds since the last lap, rounded."""
+        return round(time.time() - self.last, 2)
+
+    def lap(self, name: str) -> None:
+        """Record the seconds since the last lap under a name."""
+        self.laps[name], self.last = self.since(), time.time()
 
 
 def _to_unit(images: np.ndarray):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ldm.config import PipelineConfig
+from ldm.devices import bf16_inference
 from ldm.diffusion.guidance import make_sampler, sample
 from ldm.diffusion.objective import fit_to_length
 from ldm.io import manifest, storage
@@ -103,8 +104,15 @@ def prompt_states(parts: Parts, prompts: list[str]) -> tuple[torch.Tensor, torch
     return parts.states["cond"]
 
 
+def sampling_bf16(precision: str, device_type: str) -> bool:
+    """Whether evaluate.mixed_precision samples under bf16 autocast on this device."""
+    if precision == "auto":
+        return device_type == "cuda" or bf16_inference()
+    return precision == "bf16"
+
+
 def run_point(parts: Parts, prompts: list[str], targets: dict | None, ref: tuple, point: dict,
-              seed: int, batch: int) -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
+              seed: int, batch: int, precision: str = "fp32") -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
     """Metrics of one grid point and its first images (uint8): features and judge results streamed per batch."""
     states, mask, e_states, e_mask = prompt_states(parts, prompts)
     unet = parts.unets[point["checkpoint"]]
@@ -112,10 +120,13 @@ def run_point(parts: Parts, prompts: list[str], targets: dict | None, ref: tuple
     stats, cos_sum = FeatureStats(parts.extractor.dim), 0.0
     preds: dict[str, list[np.ndarray]] = {k: [] for k in J.HEADS}
     first = None
+    device_type = unet.device.type
+    amp = sampling_bf16(precision, device_type)
     for b, i in enumerate(range(0, len(prompts), batch)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        latents = sample(unet, scheduler, states[i : i + batch], mask[i : i + batch], e_states, e_mask,
-                         point["steps"], point["guidance"], g, parts.index["latent_shape"])  # fmt: skip
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            latents = sample(unet, scheduler, states[i : i + batch], mask[i : i + batch], e_states, e_mask,
+                             point["steps"], point["guidance"], g, parts.index["latent_shape"])  # fmt: skip
         images = to_uint8(decode(parts.vae, latents, parts.index["scale_factor"]))
         first = images[:GRID_IMAGES] if first is None else first
         emb = parts.scorer.encode_images(images)

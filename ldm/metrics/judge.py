@@ -32,7 +32,7 @@ HEADS = {
     "axis": 2,
 }
 JUDGE_START = 20_000_000  # render indices of the judge's training set: apart from held-out prompts
-JUDGE_VERSION = 1  # bump when the labels or the network change: cached weights are keyed by it
+JUDGE_VERSION = 2  # bump when the labels or the network change: cached weights are keyed by it
 _COLOURS, _BACKGROUNDS, _POS = list(COLOURS), list(BACKGROUNDS), list(POSITIONS.values())
 
 
@@ -69,16 +69,25 @@ def render_labelled(seed: int, indices, image_size: int, resolution: int) -> tup
 
 
 class JudgeNet(nn.Module):
-    """Three conv stages to a 4x4 map (positions need the layout), then one linear layer per attribute."""
+    """A stride-2 stem, two conv stages to a 4x4 map (positions need the layout), one linear layer per attribute.
+
+    The stem's stride makes a step 3-4x cheaper than a full-resolution first stage, which buys the
+    judge more renders in the same minutes: shape accuracy grows with renders far more than with epochs
+    (held-out renders at 64 px: 0.25 after 3,000 x 5 epochs, 0.56 after 10,000 x 3).
+    """
 
     def __init__(self, width: int = 32):
         super().__init__()
 
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+        def block(cin: int, cout: int, stride: int = 1, pool: bool = True) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
         self.features = nn.Sequential(
-            block(3, width), block(width, 2 * width), block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(4)
+            block(3, width, stride=2, pool=False),
+            block(width, 2 * width),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(4),
         )
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in HEADS.items()})
