@@ -6,7 +6,9 @@
    from the metrics rank 0 logs to MLflow every --log-every steps (`samples_per_s`, `data_wait_fraction`),
    leaving out the first --warmup steps; Ray Train's start-up, checkpoint, sample grid and export are
    outside those windows. The driver holds latents under 2 GiB in the object store (the demo's 4,000
-   rows) and streams larger sets from the Parquet parts; --stream streams whatever the size.
+   rows) and streams larger sets from the Parquet parts; --stream streams whatever the size, on a local
+   cluster with one logical CPU more than the cores (with exactly the cores, Ray Data's read tasks wait
+   for the CPUs the workers hold and the run hangs: seen with 2 CPUs and 2 workers).
 2. Bare loop: one process, the same UNet (size from the config), global batch, precision (the loop's
    `autocast_dtype` rule), objective and per-step work as the loop (CFG dropout, clipping, AdamW, EMA),
    over the same rows collated once into in-memory tensors: no Ray, no DDP, no reader, no MLflow.
@@ -176,13 +178,19 @@ def main() -> None:
         cfg = load_config(a.profile, [f"train.log_every={a.log_every}"], tmp)
         wd = Workdir.of(cfg)
         m = storage.read_json(storage.join(wd.output("precompute"), "manifest.json"))
-        if a.stream:
-            import ldm.train.driver
-
-            ldm.train.driver.MATERIALIZE_BYTES = 0  # the driver decides in this process: stream every size
         from ldm.ray_cluster import ensure_ray
 
         t0 = time.perf_counter()
+        if a.stream:
+            import ray
+
+            import ldm.train.driver
+
+            ldm.train.driver.MATERIALIZE_BYTES = 0  # the driver decides in this process: stream every size
+            # Ray Data's read tasks each want a CPU; with the workers holding every CPU of the cluster they
+            # never start and the run hangs (seen here: 2 CPUs, 2 workers). One extra logical CPU lets them run.
+            ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, num_gpus=0, include_dashboard=False,
+                     object_store_memory=512 << 20, log_to_driver=False)  # fmt: skip
         ensure_ray(cfg)  # up before anything is timed, so both sides run beside the same idle cluster
         startup = time.perf_counter() - t0
         workers = cfg.compute.num_workers
