@@ -9,7 +9,7 @@ Warm-up steps, then --repeats windows of --steps steps between CUDA synchronizat
 MFU = (3 x forward FLOPs per step) / step time / the device's peak dense bf16 FLOP/s. The forward
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward (matmuls, convolutions,
 attention); x3 counts the backward as twice the forward. Peaks: H100 SXM and H200 989 TFLOP/s,
-H100 PCIe 756, A100 312 (vendor datasheets, dense); --peak-tflops for any other device.
+NVL parts 835, H100 PCIe 756, A100 312 (vendor datasheets, dense); --peak-tflops for any other device.
 
 Anchor: MosaicML trained SD 2 base at 256 px at 137 images/s per A100 (their SD2-base-for-under-$50k
 run); goal here >= 45% MFU. Runs in about 2 minutes on an H100 or H200 (most of it building the model):
@@ -35,7 +35,10 @@ from ldm.diffusion.objective import training_losses
 from ldm.diffusion.schedule import make_noise_scheduler
 from ldm.unet.model import build_unet
 
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))  # first match wins
+# Dense bf16 TFLOP/s by device name (vendor datasheets); the first match wins, so the NVL and PCIe parts come first.
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
+)  # fmt: skip
 MOSAIC_A100_IMAGES_S = 137.0
 
 
