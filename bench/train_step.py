@@ -145,6 +145,14 @@ def ray_path(cfg: PipelineConfig, run_id: str, steps: int, warmup: int) -> tuple
     return samples / seconds, waited / seconds, wall
 
 
+def held(m: dict) -> bool:
+    """Whether the driver materializes these latents in the object store (its size rule) rather than streaming."""
+    from ldm.train.driver import MATERIALIZE_BYTES
+
+    c, h, w = m["latent_shape"]
+    return m["rows"] * 2 * (c * h * w + m.get("context_length", 77) * m["text_dim"]) < MATERIALIZE_BYTES
+
+
 def ray_worker_threads() -> int:
     """torch's thread count in a 1-CPU Ray task: what each Train worker computes with."""
     import ray
@@ -220,7 +228,7 @@ def main() -> None:
             f"\n{cpu_name()}, {os.cpu_count()} cores; unet {cfg.unet.size}, latents {m['latent_shape']}, "
             f"{m['rows']} rows, global batch {cfg.train.batch_size}, {'bf16 autocast' if amp else 'fp32'}; "
             f"{a.steps} steps per run, first {warmup} left out; latents "
-            f"{'streamed from Parquet' if a.stream else 'as the driver holds them'}"
+            f"{'streamed from Parquet' if a.stream or not held(m) else 'held in the object store (< 2 GiB)'}"
         )
         print(f"samples/s (Ray start-up {startup:.1f} s not included; stage wall s per run: "
               f"{', '.join(f'{w:.0f}' for w in walls)})")  # fmt: skip
