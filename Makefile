@@ -56,6 +56,7 @@ bench: $(DEMO_STAMP)
 	$(BIN)/python bench/filter.py --workdir $(WORKDIR)
 	$(BIN)/python bench/precompute.py --workdir $(WORKDIR)
 	$(BIN)/python bench/vae_encode.py --workdir $(WORKDIR)
+	$(BIN)/python bench/train_step.py --workdir $(WORKDIR)
 	$(BIN)/python bench/sampling.py
 
 clean:

@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmarks (import as `from _common import ...`: bench/ is on sys.path when a
+script in it runs)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (figures depend on it: AMX, AVX512-BF16)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_line(name: str, xs: list[float], unit: str, width: int = 28) -> str:
+    """'  name   median M unit   runs a, b, c' for a list of per-repeat figures."""
+    runs = ", ".join(f"{x:.1f}" for x in xs)
+    return f"  {name:<{width}} median {statistics.median(xs):8.1f} {unit}   runs {runs}"
