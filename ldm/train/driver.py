@@ -118,15 +118,18 @@ def train_stage(run: StageRun) -> dict:
     cfg, tc, wd = run.cfg, run.cfg.train, run.workdir
     latents_url, m = wd.output("precompute"), run.inputs["precompute"]
     check_plan(cfg, wd, m, latents_url)
+    size = m["rows"] * (2 * (_numel(m["latent_shape"]) + m.get("context_length", 77) * m["text_dim"]))
+    cpus = ensure_ray(cfg).get("CPU", 0)
+    if size >= MATERIALIZE_BYTES:
+        _check_room_to_stream(cfg, size, cpus)
     t0 = time.time()
     run.begin()
     storage.write_bytes_atomic(storage.join(run.out, CONFIG_FILE), to_yaml(cfg).encode())
     params = {**cfg.model_dump(mode="json"), "inputs": {"precompute": m["config_hash"]},
               "components": {"vae": m.get("vae"), "text_encoder": m.get("text_encoder")}}  # fmt: skip
     mlflow_id = ensure_run(cfg, run.out, params)
-    ensure_ray(cfg)
     ds, _ = latent_dataset(latents_url)
-    if m["rows"] * (2 * (_numel(m["latent_shape"]) + m.get("context_length", 77) * m["text_dim"])) < MATERIALIZE_BYTES:
+    if size < MATERIALIZE_BYTES:
         ds = _materialize_in_order(ds)
     latents = {k: m[k] for k in ("latent_shape", "text_dim", "scale_factor", "empty_prompt", "text_encoder")}
     vae_url = expected_components(cfg, wd)["vae"]
@@ -173,6 +176,17 @@ def train_stage(run: StageRun) -> dict:
         "latents": {"config_hash": m["config_hash"], "rows": m["rows"]},
         "timings": {"total_s": round(time.time() - t0, 2)},
     }  # fmt: skip
+
+
+def _check_room_to_stream(cfg: PipelineConfig, size: int, cpus: float) -> None:
+    """Refuse CPU workers that would hold every CPU of the cluster while the latents stream from Parquet:
+    Ray Data's read tasks would never be scheduled and the run would wait forever."""
+    if not cfg.compute.use_gpu and cfg.compute.num_workers >= cpus:
+        raise StageError(
+            f"train: the latents ({size / 2**30:.1f} GiB) stream from Parquet, and {cfg.compute.num_workers} CPU "
+            f"workers would hold all {cpus:g} CPUs of the Ray cluster, leaving none to read them; set "
+            f"compute.num_workers below {cpus:g} or add CPUs"
+        )
 
 
 def _materialize_in_order(ds):

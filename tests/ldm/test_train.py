@@ -218,6 +218,23 @@ def test_bad_plans_are_refused_before_any_worker(inputs, overrides, message):
     assert not (inputs / "runs" / "refused").exists()
 
 
+def test_streaming_with_every_cpu_held_by_workers_is_refused(cluster, inputs, monkeypatch):
+    """Latents too large to hold in the object store stream from Parquet; if the CPU workers hold all
+    the cluster's CPUs (2 workers on this 2-CPU cluster) Ray Data's read tasks never run.
+
+    Bug caught: the run waiting forever (seen: 14 minutes with no step) instead of a one-line refusal
+    naming compute.num_workers, before the run folder is begun.
+    """
+    from flows.registry import run
+    from ldm.train import driver
+
+    monkeypatch.setattr(driver, "MATERIALIZE_BYTES", 0)  # as if the latents were over the 2 GiB it holds
+    cfg = make_config(inputs, *TRAIN, "train.run_id=streamed", "compute.num_workers=2")
+    with pytest.raises(StageError, match="hold all 2 CPUs of the Ray cluster.*compute.num_workers below 2"):
+        run("train", cfg)
+    assert not (inputs / "runs" / "streamed").exists()
+
+
 def test_zero_workers_and_foreign_run_folder_are_refused(inputs):
     """Zero workers fail at config load; a run folder begun by another config is not trained into.
 
