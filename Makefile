@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 WORKDIR ?= work/local
 ARGS    ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,5 +39,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/vae_encode.py --workdir $(WORKDIR)
 	$(BIN)/python bench/sampling.py
 
+# Mutation testing of the URL guard, manifest/identity, config validation and diffusion math (docs/TESTING.md).
+# Not part of `make test`: it reruns their unit tests once per mutant. No PYTHONPATH: mutmut imports mutants/.
+mutation: $(STAMP)
+	rm -rf mutants
+	env -u PYTHONPATH $(BIN)/mutmut run --max-children $${MUTMUT_CHILDREN:-2}
+	env -u PYTHONPATH $(BIN)/mutmut results > mutation-results.txt || true
+	$(BIN)/python tests/mutation_scores.py
+
 clean:
-	rm -rf work .pytest_cache
+	rm -rf work .pytest_cache mutants mutation-results.txt

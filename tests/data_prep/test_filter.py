@@ -98,7 +98,6 @@ def test_ground_truth_precision_is_recomputed_from_the_world_and_beats_chance(co
     assert gt["precision"] == pytest.approx(len(picked & good) / len(picked))
     assert gt["recall"] == pytest.approx(len(picked & good) / len(good))
     base_rate = len(good) / len(rows)
-    print(f"precision {gt['precision']:.3f} recall {gt['recall']:.3f} base rate {base_rate:.3f} picked {len(picked)}")
     assert gt["precision"] >= base_rate + 0.1
 
 
