@@ -68,30 +68,62 @@ def test_check_output_states(tmp_path):
     assert manifest.check_output(stray, "h1", overwrite=True) is OutputState.REPLACE
 
 
-def test_code_version_names_the_package_and_commit():
-    """Bug caught: manifests recording no code version (or a constant): outputs of other code look the same."""
+def test_code_version_names_the_package_and_commit(tmp_path, monkeypatch):
+    """Bugs caught: manifests recording no code version (or a constant, or bytes): outputs of other code look the
+    same; the commit looked up in the caller's cwd instead of the package's checkout; no git crashing a stage."""
+    import subprocess
     from importlib import metadata
 
-    version = manifest.code_version()
-    assert version.startswith(metadata.version("ldm-pipeline"))
-    if (Path(__file__).resolve().parents[2] / ".git").exists():
-        assert version.count("+") == 1 and len(version.split("+")[1]) >= 7
+    package = Path(manifest.__file__).parent
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
+    version = metadata.version("ldm-pipeline")
+    monkeypatch.chdir(tmp_path)  # not a checkout: the commit must come from the package's folder
+    if sha.returncode == 0:
+        assert manifest.code_version() == f"{version}+{sha.stdout.strip()}"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert manifest.code_version() == version
 
 
-def test_swap_replaces_only_with_a_committed_staging_folder(tmp_path):
-    """Bugs caught: a swap that deletes the old output when the staged one is unfinished (a killed --overwrite
-    loses both), or leaves the staging folder or the old files behind."""
+def test_manifest_and_intent_fields(tmp_path):
+    """Bug caught: the intent or manifest losing the fields other tools read (stage, start and finish times,
+    the code version)."""
     out = storage.normalize(str(tmp_path / "out"))
+    manifest.begin(out, "ingest", "h1")
+    intent = storage.read_json(storage.join(out, INTENT))
+    assert intent["stage"] == "ingest" and intent["started"] > 1e9
+    m = manifest.commit(out, "ingest", "h1", {})
+    assert m["code_version"] == manifest.code_version() and m["finished"] >= intent["started"]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_swap_replaces_only_with_a_committed_staging_folder(tmp_path, scheme):
+    """Bugs caught: a swap that deletes the old output when the staged one is unfinished (a killed --overwrite
+    loses both), or leaves the staging folder or the old files behind. `memory://` takes the object-store path
+    (copy every object, the manifest last, then delete the staging prefix) that S3 takes."""
+    import fsspec
+
+    root = storage.normalize(str(tmp_path)) if scheme == "file" else f"memory://swap-{tmp_path.name}"
+    out = storage.join(root, "out")
     staged = manifest.staging(out)
-    assert staged == out + ".next"
+    assert staged == out + ".next" and manifest.staging(out + "/") == out + ".next"
+    assert manifest.staging("file:///a/boX/") == "file:///a/boX.next"
     storage.write_bytes_atomic(storage.join(out, "old.txt"), b"old")
     storage.write_bytes_atomic(storage.join(staged, "new.txt"), b"new")
+    storage.write_bytes_atomic(storage.join(staged, "sub", "deep.txt"), b"deep")
     manifest.swap(out)  # the staged run has not committed: nothing moves
-    assert (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out.next" / "new.txt").exists()
+    assert storage.exists(storage.join(out, "old.txt")) and storage.exists(storage.join(staged, "new.txt"))
     manifest.commit(staged, "ingest", "h2", {})
     manifest.swap(out)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, "new.txt"]
-    assert not (tmp_path / "out.next").exists()
+    fs, path = storage.fs_for(out)
+    found = sorted(p[len(path) + 1 :] for p in fs.find(path))
+    assert found == [MANIFEST, "new.txt", "sub/deep.txt"], found
+    assert (
+        fs.cat(f"{path}/sub/deep.txt") == b"deep"
+        and storage.read_json(storage.join(out, MANIFEST))["stage"] == "ingest"
+    )
+    assert not storage.exists(staged)
+    if scheme == "memory":
+        fsspec.filesystem("memory").rm(path, recursive=True)
 
 
 def test_root_cause_unwraps_ray_style_and_chained_errors():
@@ -221,3 +253,134 @@ def test_finished_input_names_what_to_run(tmp_path):
     (tmp_path / "raw" / MANIFEST).write_text("{not json")
     with pytest.raises(StageError, match=r"is not valid JSON .*rerun the ingest stage with --overwrite"):
         finished_input(wd, "ingest", make_config(tmp_path))
+
+
+THIRD = Stage(name="train-aesthetic", fields=("aesthetic",), work="tests.ldm.tiny_stage:work",
+              inputs=lambda cfg: ("ingest", "train-clip"))  # fmt: skip
+
+
+def test_workdir_folders_follow_the_run_id():
+    """Bug caught: every training run writing to runs/default (one run's checkpoints overwriting another's)."""
+    wd = Workdir.of(make_config("/w", "train.run_id=abc"))
+    assert wd.output("train") == "file:///w/runs/abc" and wd.output("evaluate") == "file:///w/runs/abc/eval"
+    staged = Workdir(wd.url, staged=(("ingest", "file:///w/raw.next"),), run="abc")
+    assert staged.output("ingest") == "file:///w/raw.next" and staged.output("filter") == "file:///w/filtered"
+
+
+def test_begin_writes_the_intent_once(tmp_path):
+    """Bugs caught: the intent never written (a killed first run then looks like foreign output), or rewritten on
+    every call (its start time then moves)."""
+    from ldm.stage import StageRun
+
+    cfg = make_config(tmp_path)
+    out = storage.normalize(str(tmp_path / "raw"))
+    run = StageRun(UP, cfg, Workdir.of(cfg), out, "h1", {}, {}, resumed=False)
+    run.begin()
+    intent = tmp_path / "raw" / INTENT
+    assert json.loads(intent.read_text())["stage"] == "ingest"
+    intent.unlink()
+    run.begin()
+    assert not intent.exists()
+
+
+def test_content_id_switches_to_size_and_mtime_past_one_gib(tmp_path):
+    """Bugs caught: hashing multi-GB checkpoints on every run (the threshold mistyped), or never hashing; two
+    files with the same size and mtime sharing a cached id. The big file is sparse: nothing is read or written."""
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 100)
+    assert content_id(str(small)) == hashlib.sha256(b"x" * 100).hexdigest()
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(2**30 + 1)
+    st = big.stat()
+    assert content_id(str(big)) == f"size{2**30 + 1}-mtime{st.st_mtime_ns}"
+    twin = tmp_path / "twin.bin"
+    twin.write_bytes(b"y" * 100)
+    os.utime(twin, ns=(small.stat().st_mtime_ns,) * 2)
+    assert content_id(str(twin)) == hashlib.sha256(b"y" * 100).hexdigest()
+
+
+def test_weight_ids_accept_file_urls(tmp_path):
+    """Bug caught: a `file://` weights URL refused as remote, or looked up with its scheme as a path."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"w")
+    stage = Stage(name="x", fields=(), work="", weights=lambda c: {"w": f"file://{c.workdir}/w.bin"})
+    assert weight_ids(stage, make_config(tmp_path)) == {"w": hashlib.sha256(b"w").hexdigest()}
+
+
+def test_first_difference_covers_added_removed_and_retyped_fields(tmp_path):
+    """Bugs caught: a field present on one side only (added to or removed from the schema) not seen as a
+    difference; a section replaced by a plain value crashing the comparison; an 80-character value truncated."""
+    cfg = make_config(tmp_path)
+    with pytest.raises(StageError, match=r"made with clip.removed=1, this config has clip.removed=None"):
+        check_made_by({"config": {"clip": {**resolve(cfg, "clip"), "removed": 1}}}, cfg, "F", "x")
+    with pytest.raises(StageError, match=r"made with seed=\{'a': 1\}, this config has seed=0"):
+        check_made_by({"config": {"seed": {"a": 1}}}, cfg, "F", "x")
+    exact = "z" * 78  # repr adds two quotes: 80 characters, shown whole
+    with pytest.raises(StageError) as e:
+        check_made_by({"config": {"workdir": exact}}, cfg, "F", "x")
+    assert f"workdir={exact!r}, this" in str(e.value)
+    with pytest.raises(StageError) as e:
+        check_made_by({"config": {"workdir": exact + "z"}}, cfg, "F", "x")
+    assert f"workdir={repr(exact + 'z')[:77]}..., this" in str(e.value)
+
+
+def test_a_chain_of_three_checks_each_link_once(tmp_path):
+    """Bugs caught: an input's own inputs never compared (a stage two links down replaced, unnoticed), the
+    comparison done on a missing key (every chain refused), a shared input memoised as None (a diamond: the
+    third stage reads ingest directly and through train-clip)."""
+    cfg = make_config(tmp_path)
+    up, down = run_stage(UP, cfg), run_stage(DOWN, cfg)
+    third = run_stage(THIRD, cfg)
+    assert third["inputs"] == {"ingest": up["config_hash"], "train-clip": down["config_hash"]}
+    assert third["inputs_seen"] == ["ingest", "train-clip"]
+    run_stage(UP, make_config(tmp_path, "ingest.resolution=64"), overwrite=True)
+    (tmp_path / "models" / "clip" / MANIFEST).write_text(
+        json.dumps({**down, "config": {"clip": resolve(cfg, "clip")}})
+    )  # train-clip still claims the old ingest: the chain must notice
+    with pytest.raises(StageError) as e:
+        finished_input(Workdir.of(cfg), "train-clip", make_config(tmp_path, "ingest.resolution=64"))
+    assert str(e.value).startswith(f"file://{tmp_path}/models/clip was made from another ingest output")
+
+
+def test_run_stage_records_what_defines_the_output(tmp_path, monkeypatch):
+    """The manifest's identity parts, each changed on its own. Bugs caught: weights or source files left out of
+    the identity (new weights or a new URL list "up to date"); the manifest not naming its stage or weights;
+    the work not given its config or inputs; library chatter not in W/logs/<stage>.log."""
+    (tmp_path / "source.txt").write_text("v1")
+    w = tmp_path / "w"
+    (w / "models").mkdir(parents=True)
+    (w / "weights.bin").write_bytes(b"a")
+    stage = Stage(name="ingest", fields=("seed",), work="tests.ldm.tiny_stage:work",
+                  weights=lambda c: {"x.weights": f"{c.workdir}/weights.bin"},
+                  sources="tests.ldm.tiny_stage:sources")  # fmt: skip
+    cfg = make_config(w)
+    m = run_stage(stage, cfg)
+    assert m["stage"] == "ingest" and m["weight_ids"] == {"x.weights": hashlib.sha256(b"a").hexdigest()}
+    assert m["config_seen"] == {"seed": 0} and m["inputs_seen"] == []
+    assert "tiny: library chatter" in (w / "logs" / "ingest.log").read_text()
+    assert run_stage(stage, cfg)["config_hash"] == m["config_hash"]  # nothing changed: up to date
+    (tmp_path / "source.txt").write_text("v2")
+    with pytest.raises(StageError, match="--overwrite"):
+        run_stage(stage, cfg)
+    (tmp_path / "source.txt").write_text("v1")
+    (w / "weights.bin").write_bytes(b"b")
+    with pytest.raises(StageError, match="--overwrite"):
+        run_stage(stage, cfg)
+
+
+def test_overwrite_builds_beside_and_discards_a_stale_staging_folder(tmp_path):
+    """Bugs caught: the work writing into the live folder during --overwrite (the old output half-replaced if
+    killed, and the new one missing what was written there); a staging folder left by an --overwrite of a third
+    config reused or refused instead of cleared; one left by a killed --overwrite of this config not resumed."""
+    run_stage(UP, make_config(tmp_path))
+    manifest.begin(storage.normalize(str(tmp_path / "raw.next")), "ingest", "stale-config")
+    (tmp_path / "raw.next" / "stale.txt").write_text("from another config")
+    m = run_stage(UP, make_config(tmp_path, "ingest.resolution=64"), overwrite=True)
+    assert m["output_seen"] == f"file://{tmp_path}/raw" and m["resumed"] is False  # `.next` rewritten on commit
+    assert (tmp_path / "raw" / "marker.txt").exists()  # written through run.workdir.output: the staged folder
+    assert not (tmp_path / "raw" / "stale.txt").exists() and not (tmp_path / "raw.next").exists()
+    third = make_config(tmp_path, "ingest.resolution=128")
+    chash = manifest.digest({"config": config_of(UP, third), "weights": {}, "inputs": {}})
+    manifest.begin(storage.normalize(str(tmp_path / "raw.next")), "ingest", chash)  # a killed --overwrite
+    assert run_stage(UP, third, overwrite=True)["resumed"] is True
