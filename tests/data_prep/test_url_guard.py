@@ -47,6 +47,7 @@ def _no_dns(host: str) -> list[str]:
         ("http://93.184.216.34/a.jpg", None),
         ("https://8.8.8.8/a.jpg", None),
         ("https://[2606:4700::1111]/a.jpg", None),
+        ("http://[4000::1]/a.jpg", "reserved"),  # IANA-reserved, yet Python calls it global: reserved must win
     ],
 )
 def test_public_policy_on_ip_literals(url, verdict):
@@ -137,6 +138,7 @@ def test_prefetch_resolves_each_new_host_once_and_fills_the_cache():
     assert sorted(calls) == ["a.example", "b.example"]  # answered from the cache
     loopback = UrlGuard("loopback", resolver=_no_dns)
     loopback.prefetch(["http://a.example/1.jpg"])
+    assert loopback._checked == {}  # loopback never looks a name up: no pool of resolver threads either
     assert loopback.check("http://a.example/1.jpg") == "not_loopback"
 
 
