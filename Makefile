@@ -12,7 +12,7 @@ DEV_STAMP  := $(VENV)/.installed-dev-$(HASH)
 WORKDIR ?= work/local
 ARGS    ?=
 
-.PHONY: demo test lint bench stack clean
+.PHONY: demo test lint bench stack mutation clean
 
 # img2dataset 1.47 requires the Python 3.6 `dataclasses` backport; on 3.11 its dataclasses.py in site-packages
 # shadows the stdlib module wherever site-packages comes first on sys.path, as in Prefect's ephemeral API
@@ -59,5 +59,13 @@ bench: $(DEMO_STAMP)
 	$(BIN)/python bench/train_step.py --workdir $(WORKDIR)
 	$(BIN)/python bench/sampling.py
 
+# Mutation testing of the URL guard, manifest/identity, config validation and diffusion math (docs/TESTING.md).
+# Not part of `make test`: it reruns their unit tests once per mutant. No PYTHONPATH: mutmut imports mutants/.
+mutation: $(DEV_STAMP)
+	rm -rf mutants
+	env -u PYTHONPATH $(BIN)/mutmut run --max-children $${MUTMUT_CHILDREN:-2}
+	env -u PYTHONPATH $(BIN)/mutmut results > mutation-results.txt || true
+	$(BIN)/python tests/mutation_scores.py
+
 clean:
-	rm -rf work .pytest_cache
+	rm -rf work .pytest_cache mutants mutation-results.txt

@@ -38,6 +38,7 @@ class BrokenRows(Section):
     duplicate_url: int = Field(2, ge=0)
     empty_caption: int = Field(2, ge=0)
     invalid_utf8_caption: int = Field(2, ge=0)
+    opted_out: int = Field(1, ge=0, description="good images served with `X-Robots-Tag: noai`")
 
 
 class SyntheticSource(Section):

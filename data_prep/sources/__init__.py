@@ -32,6 +32,7 @@ EXPECTED_OUTCOME = {
     "duplicate_url": "duplicate_url",
     "empty_caption": "empty_caption",
     "invalid_utf8_caption": "invalid_caption",
+    "opted_out": "opted_out",
 }
 
 
@@ -76,6 +77,7 @@ def synthetic_rows(cfg: SyntheticSource, base_url: str, refused_port: int) -> tu
         ("invalid_utf8_caption", "img"),
         ("slow_response", "slow"),
         ("truncated_jpeg", "truncated"),
+        ("opted_out", "noai"),
     ):
         for _ in range(getattr(b, kind)):
             s = describe(cfg.seed, extra, cfg.image_size)

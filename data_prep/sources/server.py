@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ldm.synthetic import render_index
 
-ROUTE = re.compile(r"^/(img|slow|truncated|missing|html|empty|bomb)/(\d+)\.(jpg|png|html)$")
+ROUTE = re.compile(r"^/(img|slow|truncated|noai|missing|html|empty|bomb)/(\d+)\.(jpg|png|html)$")
 
 
 def bomb_png(width: int = 60_000, height: int = 60_000) -> bytes:
@@ -66,9 +66,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - keep stderr quiet; img2dataset logs outcomes
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -80,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
         if not m or m.group(1) == "missing":
             return self._send(404, b"not found", "text/plain")
         kind, i = m.group(1), int(m.group(2))
-        if kind in ("img", "slow", "truncated") and not 0 <= i < self.server.count:
+        if kind in ("img", "slow", "truncated", "noai") and not 0 <= i < self.server.count:
             return self._send(404, b"not found", "text/plain")
         if kind == "html":
             return self._send(200, b"<!doctype html><html><body>Not an image</body></html>", "text/html")
@@ -95,8 +97,10 @@ class Handler(BaseHTTPRequestHandler):
         body = self.server.image(i)
         if kind == "truncated":
             body = truncate_jpeg(body)
+        # A site that opts its images out of AI training: a good image, refused by the header alone.
+        extra = {"X-Robots-Tag": "noai"} if kind == "noai" else None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (slow route)
-            self._send(200, body, "image/jpeg")
+            self._send(200, body, "image/jpeg", extra)
 
 
 def main(argv: list[str] | None = None) -> None:

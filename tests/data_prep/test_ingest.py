@@ -50,17 +50,56 @@ def test_shards_hold_exactly_the_good_rows_with_their_captions_and_ratings(inges
         assert Image.open(io.BytesIO(s["jpg"])).size == (cfg.ingest.resolution,) * 2
 
 
-def test_manifest_and_per_shard_stats(ingested):
+def test_manifest_counts_what_the_shards_on_disk_hold(ingested):
+    """Every figure is recounted from the files, not from the stats img2dataset wrote or the dict the stage returned.
+
+    Bugs caught: a shard's `samples` taken from another shard's stats or counting failed rows (each tar's .jpg
+    members are counted here); `bytes` summing the stats/parquet files too, or only the last shard; `rows_in`
+    counting the rows after the pre-download drops; `images_per_s` divided by total_s or counting all rows; the
+    on-disk manifest missing fields the stage returned (read back from disk, compared field by field below).
+    """
+    import tarfile
+
+    cfg, returned = ingested
+    raw = Path(cfg.workdir) / "raw"
+    manifest = storage.read_json(str(raw / "manifest.json"))
+    assert not (raw / "_run.json").exists()
+    shards = sorted((raw / "shards").glob("*.tar"))
+    assert [s["name"] for s in manifest["shards"]] == [p.name for p in shards]
+    for shard, tar in zip(manifest["shards"], shards, strict=True):
+        with tarfile.open(tar) as t:
+            assert shard["samples"] == sum(m.name.endswith(".jpg") for m in t.getmembers()), tar.name
+    assert manifest["bytes"] == sum(p.stat().st_size for p in shards)
+    source_rows_n = pq.read_metadata(Path(cfg.workdir) / "source" / "urls.parquet").num_rows
+    assert manifest["rows_in"] == source_rows_n == manifest["source_manifest"]["rows"]
+    dropped_before_download = sum(manifest["counts"][k] for k in ("duplicate_url", "empty_caption", "invalid_caption"))
+    assert (
+        manifest["rows_downloaded"]
+        == source_rows_n - dropped_before_download
+        == sum(s["rows"] for s in manifest["shards"])
+    )
+    successes = sum(s["samples"] for s in manifest["shards"])
+    assert manifest["counts"]["success"] == successes
+    assert manifest["images_per_s"] == pytest.approx(successes / manifest["timings"]["download_s"], rel=0.02)
+    assert manifest["config"]["ingest"]["resolution"] == cfg.ingest.resolution == manifest["resolution"]
+    assert manifest["config"] == returned["config"] and manifest["counts"] == returned["counts"]
+
+
+def test_an_image_served_with_x_robots_tag_noai_is_counted_as_opted_out(ingested):
+    """The synthetic server sends `X-Robots-Tag: noai` with a good image for the opted_out rows.
+
+    Bugs caught: ingest not passing disallowed_header_directives to img2dataset (the image would be downloaded
+    and counted as a success: the shards would hold a 121st sample), or the refusal message falling through to
+    other_error. The row's caption is a normal one, so only the header can exclude it.
+    """
     cfg, manifest = ingested
-    raw = storage.join(storage.normalize(cfg.workdir), "raw")
-    assert storage.read_json(storage.join(raw, "manifest.json")) == manifest
-    assert not storage.exists(storage.join(raw, "_run.json"))
-    assert sum(s["samples"] for s in manifest["shards"]) == manifest["counts"]["success"]
-    for shard in manifest["shards"]:
-        stats = storage.read_json(storage.join(raw, "shards", shard["name"].replace(".tar", "_stats.json")))
-        assert stats["successes"] == shard["samples"]
-    assert manifest["bytes"] > 0 and manifest["images_per_s"] > 0
-    assert manifest["config"]["ingest"]["resolution"] == cfg.ingest.resolution
+    assert cfg.source.broken.opted_out == 1
+    assert manifest["counts"]["opted_out"] == 1
+    assert "other_error" not in manifest["counts"]
+    assert manifest["messages"]["Use of image disallowed by X-Robots-Tag directive"] == 1
+    paths = {urlsplit(s["json"]["url"]).path for s in raw_samples(cfg.workdir)}
+    assert not any(p.startswith("/noai/") for p in paths)
+    assert any(p.startswith("/noai/") for p in source_rows(cfg.workdir))
 
 
 def test_a_finished_stage_is_skipped(ingested, capsys):

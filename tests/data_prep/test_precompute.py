@@ -80,12 +80,25 @@ def test_latents_are_the_vae_posterior_means(latents):
         want = load_vae(cfg).eval().encode(x).latent_dist.mean.numpy()
     got = np.stack([np.frombuffer(r["latent"], np.float16).reshape(m["latent_shape"]) for r in rows]).astype(np.float32)
     rel_rms = np.sqrt(np.mean((got - want) ** 2)) / want.std()
-    assert rel_rms < (0.02 if m["vae_compute_dtype"] == "bfloat16" else 2e-3), rel_rms
+    # What storing an fp32 encode as fp16 alone costs. bf16 keeps 8 mantissa bits to fp16's 11: a bf16 encode
+    # lands well above that floor, an fp32 one on it. Bug caught: the manifest saying one dtype while the actors
+    # ran the other (the old check accepted either dtype's error under the looser bound).
+    fp16_floor = np.sqrt(np.mean((want.astype(np.float16).astype(np.float32) - want) ** 2)) / want.std()
+    if m["vae_compute_dtype"] == "bfloat16":
+        assert 4 * fp16_floor < rel_rms < 0.02, (rel_rms, fp16_floor)
+    else:
+        assert rel_rms < 2 * fp16_floor, (rel_rms, fp16_floor)
 
 
 def test_manifest_records_identity_and_the_empty_prompt(latents):
     cfg, m = latents
-    assert m["vae"]["path"].endswith("models/vae") and m["vae"]["weights"]
+    # Bug caught: a weights identity that does not follow the weights (a constant, or the wrong stage's hash):
+    # a retrained VAE or CLIP would then leave stale latents "up to date". Compared with the upstream manifests.
+    vae_manifest = storage.read_json(f"{cfg.workdir}/models/vae/manifest.json")
+    clip_manifest = storage.read_json(f"{cfg.workdir}/models/clip/manifest.json")
+    assert vae_manifest["config_hash"] != clip_manifest["config_hash"]
+    assert m["vae"]["path"].endswith("models/vae") and m["vae"]["weights"] == vae_manifest["config_hash"]
+    assert m["text_encoder"]["weights"] == clip_manifest["config_hash"]
     assert m["text_encoder"]["arch"] == "tiny" and m["latent_kind"] == "mean" and m["latent_seed"] is None
     assert m["latent_dtype"] == m["text_dtype"] == "float16" and m["resolution"] == cfg.ingest.resolution
     e = empty_prompt(m)
@@ -99,6 +112,10 @@ def test_a_finished_precompute_is_skipped(latents, capsys):
 
 
 def test_read_path_collates_padded_batches_with_a_mask(latents):
+    """Bugs caught (beyond those below): the fp16 storage dtype leaking into training (the UNet and its loss
+    run in fp32; autocast picks the compute dtype), unpadded or wrongly masked text."""
+    import torch
+
     cfg, m = latents
     ds, lm = latent_dataset(storage.normalize(cfg.workdir) + "/latents", expect={"latent_shape": m["latent_shape"]},
                             shuffle_seed=0)  # fmt: skip
@@ -112,7 +129,7 @@ def test_read_path_collates_padded_batches_with_a_mask(latents):
         # the diffusion data must be the latents times the scale factor.
         raw = np.stack([np.frombuffer(z, np.float16).reshape(lm["latent_shape"]) for z in batch["latent"]])
         assert np.allclose(t["latents"].numpy(), raw.astype(np.float32) * lm["scale_factor"], rtol=1e-6)
-        assert tuple(t["latents"].shape) == (b, *lm["latent_shape"]) and t["latents"].dtype.is_floating_point
+        assert tuple(t["latents"].shape) == (b, *lm["latent_shape"]) and t["latents"].dtype == torch.float32
         assert t["text"].shape[:2] == t["mask"].shape and t["text"].shape[1] == int(t["lengths"].max())
         assert (t["mask"].sum(1) == t["lengths"]).all()
         assert (t["text"][~t["mask"]] == 0).all()
@@ -201,6 +218,7 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = {p.name: pq.read_table(p) for p in _parts(workdir)}
+    kept_mtimes = {p.name: p.stat().st_mtime_ns for p in _parts(workdir)}
     assert len(kept) > 0 and not (workdir / "latents" / "manifest.json").exists()
     # resumed with other parallelism (bug caught: knobs in the identity refuse the resume)
     resumed = run_stage("precompute", make_config(workdir, "precompute.batch_size=4", "precompute.actors=2"))
@@ -215,7 +233,15 @@ def test_a_killed_precompute_keeps_finished_parts_and_redoes_the_rest(latents, t
             for col in ("latent", "text_emb"):
                 a, b = np.frombuffer(r[col], np.float16), np.frombuffer(q[col], np.float16)
                 np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-2)
-    assert resumed["rows"] == 4 * m["rows"]
+    # Counted from the rows actually written, not the manifest's expectation. Bugs caught: a resume that
+    # rewrites finished parts, or one that skips the unfinished ones (the manifest would still say 4 * rows).
+    after = {p.name: p for p in _parts(workdir)}
+    assert {n: after[n].stat().st_mtime_ns for n in kept_mtimes} == kept_mtimes
+    redone = {n: pq.read_table(p).num_rows for n, p in after.items() if n not in kept}
+    assert len(redone) == 4 * len(m["parts"]) - len(kept)
+    for name, n in redone.items():
+        assert n == pq.read_metadata(Path(cfg.workdir) / "latents" / "parts" / name.split("-", 1)[1]).num_rows, name
+    assert sum(pq.read_metadata(p).num_rows for p in after.values()) == resumed["rows"] == 4 * m["rows"]
 
 
 def test_precompute_reads_and_writes_s3(latents, s3_bucket):

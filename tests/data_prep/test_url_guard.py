@@ -47,6 +47,7 @@ def _no_dns(host: str) -> list[str]:
         ("http://93.184.216.34/a.jpg", None),
         ("https://8.8.8.8/a.jpg", None),
         ("https://[2606:4700::1111]/a.jpg", None),
+        ("http://[4000::1]/a.jpg", "reserved"),  # IANA-reserved, yet Python calls it global: reserved must win
     ],
 )
 def test_public_policy_on_ip_literals(url, verdict):
@@ -84,6 +85,61 @@ def test_public_policy_checks_every_address_a_name_resolves_to():
 )
 def test_loopback_policy_allows_127_0_0_1_and_nothing_else(url, verdict):
     assert UrlGuard("loopback", resolver=_no_dns).check(url) == verdict
+
+
+def test_pinned_hands_back_exactly_the_checked_addresses():
+    """Bugs caught: the pinned list not being the addresses that were checked (the connection would then go
+    somewhere unchecked); an IPv6 zone id (`fe80::1%eth0`, as getaddrinfo reports link-local answers) making a
+    link-local answer "unresolvable" or, split at the wrong `%`, unparsable; an unknown policy accepted."""
+    answers = {"cdn.example": ["93.184.216.34", "2606:4700::1111"], "zoned.example": ["fe80::1%eth0"],
+               "twozones.example": ["fe80::1%a%b"], "empty.example": []}  # fmt: skip
+    guard = UrlGuard("public", resolver=lambda h: answers[h])
+    assert guard.pinned("cdn.example") == (None, ("93.184.216.34", "2606:4700::1111"))
+    assert guard.pinned("zoned.example") == ("link_local", ())
+    assert guard.check("http://twozones.example/") == "link_local"
+    assert guard.check("http://empty.example/") == "unresolvable"
+    assert UrlGuard("loopback").pinned("127.0.0.1") == (None, ("127.0.0.1",))
+    with pytest.raises(ValueError, match="unknown url policy 'open'"):
+        UrlGuard("open")
+
+
+@pytest.mark.parametrize("host", ["metadata.google.internal.", "METADATA.google.internal", "instance-data"])
+def test_metadata_names_are_refused_whatever_they_resolve_to(host):
+    """Bug caught: a metadata host name written with a trailing dot (a valid FQDN) or in capitals slipping past
+    the name check, then resolving (through a hostile or split-horizon DNS) to an address that looks public."""
+    assert UrlGuard("public", resolver=lambda h: ["93.184.216.34"]).check(f"http://{host}/x") == "cloud_metadata"
+
+
+def test_resolve_uses_the_system_resolver():
+    """Bug caught: the resolver returning ports or socket tuples instead of addresses (every name then
+    "unresolvable"). `localhost` is answered from /etc/hosts: no network."""
+    from data_prep.ingest.url_guard import resolve
+
+    got = resolve("localhost")
+    assert "127.0.0.1" in got and got == sorted(set(got))
+    assert UrlGuard("public").check("http://localhost/a.jpg") == "loopback"
+
+
+def test_prefetch_resolves_each_new_host_once_and_fills_the_cache():
+    """Bugs caught: prefetch resolving nothing (each download then resolves on its own, serially), resolving
+    cached hosts again, storing answers under the wrong host, or resolving under the loopback policy."""
+    calls = []
+
+    def resolver(host):
+        calls.append(host)
+        return {"a.example": ["93.184.216.34"], "b.example": ["10.0.0.1"]}[host]
+
+    guard = UrlGuard("public", resolver=resolver)
+    guard.check("http://a.example/0.jpg")
+    urls = ["http://a.example/1.jpg", "http://b.example/2.jpg", "http://b.example/3.jpg", "ftp://c.example/x"]
+    guard.prefetch(urls, threads=2)
+    assert sorted(calls) == ["a.example", "b.example"]
+    assert guard.pinned("b.example") == ("private", ()) and guard.pinned("a.example") == (None, ("93.184.216.34",))
+    assert sorted(calls) == ["a.example", "b.example"]  # answered from the cache
+    loopback = UrlGuard("loopback", resolver=_no_dns)
+    loopback.prefetch(["http://a.example/1.jpg"])
+    assert loopback._checked == {}  # loopback never looks a name up: no pool of resolver threads either
+    assert loopback.check("http://a.example/1.jpg") == "not_loopback"
 
 
 NAMESPACE_URLS = {

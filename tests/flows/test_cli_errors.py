@@ -166,3 +166,31 @@ def test_absent_credentials_name_the_bucket_and_the_variables(s3_bucket, tmp_pat
     )
     line = one_line(proc.stderr)
     assert proc.returncode == 1 and s3_bucket in line and "AWS_ACCESS_KEY_ID" in line
+
+
+# The `ldm` console script exactly as pip installs it: the entry point declared in pyproject, loaded and called.
+LDM_SCRIPT = (
+    "import sys; from importlib.metadata import entry_points; "
+    "(ep,) = entry_points(group='console_scripts', name='ldm'); sys.exit(ep.load()())"
+)
+
+
+def test_the_console_script_exits_1_on_a_stage_error_and_2_on_a_config_error(tmp_path):
+    """Bugs caught: `main()`'s return value dropped by the entry point (the shell sees 0 after a failed stage, so
+    a script or CI step carries on), or an error escaping as a traceback from the installed `ldm` command."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    w = tmp_path / "w"
+    stage = subprocess.run(
+        [sys.executable, "-c", LDM_SCRIPT, "stage", "ingest", "--profile", "test", "--workdir", str(w),
+         "--set", "source.kind=parquet", "--set", f"source.paths=[{tmp_path}/nope.parquet]"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert stage.returncode == 1
+    assert one_line(stage.stderr) == f"ldm: ingest: input file {tmp_path}/nope.parquet does not exist"
+    config = subprocess.run(
+        [sys.executable, "-c", LDM_SCRIPT, "stage", "ingest", "--profile", "test", "--workdir", str(w),
+         "--set", "ingest.threads=many"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert config.returncode == 2 and one_line(config.stderr).startswith("ldm: config error: ingest.threads: ")
+    assert not w.exists()

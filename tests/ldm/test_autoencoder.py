@@ -105,16 +105,37 @@ def test_stage_trains_past_the_untrained_model(trained):
     )
 
 
-def test_stage_logs_to_mlflow(trained):
-    import mlflow
+def test_stage_logs_to_mlflow(trained, tmp_path):
+    """Read back from the SQLite store through MlflowClient and compared with the files the stage wrote.
 
-    cfg, m = trained
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    run = mlflow.get_run(m["mlflow_run_id"])
-    assert run.data.metrics["psnr"] == pytest.approx(m["metrics"]["psnr"], abs=1e-3)
-    assert {"psnr_untrained", "scale_factor", "final_rec", "final_kl", "train_seconds"} <= set(run.data.metrics)
-    assert run.data.params["vae.steps"] == "150"
-    assert "reconstructions.png" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    Bugs caught: the manifest's run id pointing at another run (or a run left RUNNING); the untrained PSNR or a
+    pre-scale value logged under psnr/scale_factor (compared with the manifest file and the VAE's config.json);
+    params from the profile instead of the run's config; a loss curve that is not the training's (its first
+    point is step 0, its points stop at the last step); an artefact that is not the grid on disk.
+    """
+    from mlflow import MlflowClient
+
+    cfg, _ = trained
+    out = Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "models" / "vae"
+    manifest = json.loads((out / "manifest.json").read_text())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train-vae"
+    logged = run.data.metrics
+    for key, value in manifest["metrics"].items():
+        assert logged[key] == pytest.approx(value, abs=1e-4), key
+    assert logged["scale_factor"] == pytest.approx(json.loads((out / "config.json").read_text())["scaling_factor"])
+    assert logged["psnr"] > logged["psnr_untrained"]
+    vae_config = manifest["config"]["vae"]
+    assert run.data.params["vae.steps"] == str(vae_config["steps"]) == "150"
+    assert run.data.params["vae.lr"] == str(vae_config["lr"]) and run.data.params["seed"] == str(
+        manifest["config"]["seed"]
+    )
+    history = client.get_metric_history(run.info.run_id, "train_rec")
+    steps = sorted(h.step for h in history)
+    assert steps[0] == 0 and steps[-1] < vae_config["steps"] and len(steps) > 10
+    grid = client.download_artifacts(run.info.run_id, "reconstructions.png", str(tmp_path))
+    assert Path(grid).read_bytes() == (out / "reconstructions.png").read_bytes()
 
 
 def test_load_vae_reads_back_the_trained_model(trained):

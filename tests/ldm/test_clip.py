@@ -75,19 +75,35 @@ def test_tiny_clip_beats_untrained(trained, ingested):
     assert m["final_loss"] > 0 and m["train_seconds"] > 0
 
 
-def test_mlflow_run_logged(trained):
-    import mlflow
+def test_mlflow_run_logged(trained, tmp_path):
+    """Read back from the store through MlflowClient and compared with the stage's output files.
+
+    Bugs caught: the untrained score logged as retrieval_top1 (or the reverse); the manifest's run id pointing at
+    another run; params that are not the run's config; the loss curve missing epochs; a logged figure that is not
+    the retrieval.png on disk (compared pixel by pixel: log_image re-encodes the PNG).
+    """
+    from mlflow import MlflowClient
+    from PIL import Image
 
     from ldm.tracking import tracking_uri
 
-    cfg, m = trained
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    run = mlflow.get_run(m["mlflow_run_id"])
-    assert run.data.metrics["retrieval_top1"] == pytest.approx(m["retrieval_top1"])
-    assert {"retrieval_top1_untrained", "final_loss", "train_seconds", "loss"} <= set(run.data.metrics)
-    assert run.data.params["clip.epochs"] == "60"
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
-    assert "retrieval.png" in artifacts
+    cfg, _ = trained
+    out = Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "models" / "clip"
+    manifest = json.loads((out / "manifest.json").read_text())
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train-clip"
+    for key in ("retrieval_top1", "retrieval_top1_untrained", "final_loss"):
+        assert run.data.metrics[key] == pytest.approx(manifest[key]), key
+    assert run.data.params["clip.epochs"] == str(manifest["config"]["clip"]["epochs"]) == "60"
+    assert run.data.params["train_samples"] == str(manifest["train_samples"])
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(h.step for h in losses) == list(range(manifest["config"]["clip"]["epochs"]))
+    assert min(losses, key=lambda h: h.step).value > run.data.metrics["final_loss"]  # it trained
+    logged = client.download_artifacts(run.info.run_id, "retrieval.png", str(tmp_path))
+    assert np.array_equal(
+        np.asarray(Image.open(logged).convert("RGB")), np.asarray(Image.open(out / "retrieval.png").convert("RGB"))
+    )
 
 
 def test_stage_skips_when_up_to_date(trained, capsys):

@@ -19,11 +19,36 @@ def test_every_profile_validates(profile):
 
 
 def test_prod_profile_is_laion_scale_with_local_weights():
+    """Every prod weight is a local absolute path of the public format its loader reads, not just "set".
+
+    Bugs caught: a hub tag ("openai", "laion2b_s32b_b79k", "hf-hub:...") that open_clip or diffusers would
+    download at run time; a relative path that resolves against whatever cwd the Ray worker has; the VAE given
+    as a single file where the loader wants a diffusers folder; the LAION MLP named by its .bin CLIP sibling;
+    the scale fields left at the embedded default's values (the test world's 32 px, the tiny UNet, 1 process).
+    """
+    from pathlib import PurePosixPath
+
     cfg = load_config("prod")
-    assert cfg.source.kind == "parquet" and cfg.source.paths[0].startswith("s3://")
+    assert cfg.source.kind == "parquet" and all(p.startswith("s3://") for p in cfg.source.paths)
     assert cfg.ingest.url_policy == "public" and cfg.compute.use_gpu
-    assert cfg.clip.weights and cfg.aesthetic.weights and cfg.vae.path  # weights by path, never a hub name
+    weights = {
+        "clip.weights": cfg.clip.weights,
+        "aesthetic.weights": cfg.aesthetic.weights,
+        "text_encoder.weights": cfg.text_encoder.weights,
+        "vae.path": cfg.vae.path,
+    }
+    for field, value in weights.items():
+        assert isinstance(value, str) and PurePosixPath(value).is_absolute(), field
+        assert ":" not in value and "://" not in value, field  # no hub prefix, no URL scheme
+    for field in ("clip.weights", "text_encoder.weights"):
+        assert PurePosixPath(weights[field]).suffix in {".bin", ".pt", ".pth", ".safetensors"}, field
+    assert PurePosixPath(cfg.aesthetic.weights).suffix == ".pth"  # the LAION MLP's published state dict
+    assert PurePosixPath(cfg.vae.path).suffix == "" and cfg.vae.downsample == 8  # diffusers folder, SD's f=8
     assert {"similarity", "pwatermark", "punsafe"} <= set(cfg.ingest.columns.extra)
+    assert cfg.ingest.resolution == 256 and cfg.unet.size == "sd2-base" and cfg.compute.num_workers > 2
+    assert cfg.filter.min_size == cfg.ingest.resolution  # upscaled thumbnails would be trained on otherwise
+    test = load_config("test")
+    assert cfg.ingest.processes > test.ingest.processes and cfg.ingest.samples_per_shard >= 1000
 
 
 def test_prod_scorer_and_text_encoder_are_sd2s_two_clips():
