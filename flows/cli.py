@@ -146,12 +146,18 @@ def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     workdir = Workdir.of(cfg).url
     if workdir.startswith("file://") and "PREFECT_HOME" not in os.environ:
         # The ephemeral API's SQLite database and logs live with the run's other outputs, not in ~/.prefect.
-        os.environ["PREFECT_HOME"] = os.path.join(workdir.removeprefix("file://"), ".prefect")
+        # Made here: Prefect creates only the last folder, so on a fresh machine (no work/ yet) its
+        # ephemeral API could not open its database and `make demo` died before the first stage.
+        home = os.path.join(workdir.removeprefix("file://"), ".prefect")
+        os.makedirs(home, exist_ok=True)
+        os.environ["PREFECT_HOME"] = home
     from flows.endpoints import env_overrides
     from flows.flow import train_ldm  # imported late: PREFECT_HOME must be set before Prefect reads its settings
     from flows.report import closing_lines
     from ldm.tracking import tracking_uri
 
+    if not args.debug:
+        _quiet_prefect_tracebacks()
     try:
         results = train_ldm(args.profile, args.overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
     except ConfigError as e:
@@ -165,6 +171,30 @@ def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     cfg = load_config(args.profile, env_overrides(cfg) + args.overrides, args.workdir)  # as the flow saw it
     print(closing_lines(cfg, tracking_uri(cfg), results))
     return 0
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect's console lines keep their messages but lose their tracebacks (--debug keeps them): a failed
+    stage ends in the CLI's one line. Only the terminal's copy: Prefect's API logs (its UI) keep them whole."""
+    import logging
+
+    def strip(format_):
+        def format_without_traceback(record: logging.LogRecord) -> str:
+            saved = record.exc_info, record.exc_text, record.stack_info
+            record.exc_info = record.exc_text = record.stack_info = None
+            try:
+                return format_(record)
+            finally:
+                record.exc_info, record.exc_text, record.stack_info = saved
+
+        return format_without_traceback
+
+    loggers = [logging.getLogger()]  # Prefect puts its console handler on the root logger
+    loggers += [logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not getattr(handler, "_ldm_quiet", False):
+                handler.format, handler._ldm_quiet = strip(handler.format), True
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -52,11 +52,16 @@ def test_unreachable_endpoints_fail_fast_naming_them(tmp_path, monkeypatch):
     with pytest.raises(Exception, match=f"S3 endpoint at {dead}"):
         endpoints.check(make_config("s3://bucket/w"), ["ingest"])
     # The same check ends the whole flow run before its first stage, in one line naming the endpoint.
-    done = _ldm(tmp_path, "run", "--profile", "test", "--workdir", str(tmp_path / "w"), "--set",
-                f"compute.ray_address={dead}")  # fmt: skip
+    # The work directory is two folders that do not exist yet, as on a fresh clone (no work/): bug caught,
+    # Prefect's ephemeral API failing to create its home there and the run dying before the flow started.
+    workdir = tmp_path / "fresh" / "w"
+    env = _env(tmp_path)
+    del env["PREFECT_HOME"]  # as a user runs it: the ephemeral API's home goes under the work directory
+    done = _ldm(tmp_path, "run", "--profile", "test", "--workdir", str(workdir), "--set",
+                f"compute.ray_address={dead}", env=env)  # fmt: skip
     errors = [line for line in done.stderr.splitlines() if line.startswith("ldm: ")]
-    assert done.returncode == 1 and len(errors) == 1 and f"Ray dashboard (job API) at {dead}" in errors[0]
-    assert not (tmp_path / "w" / "raw").exists()
+    assert done.returncode == 1 and len(errors) == 1 and f"Ray dashboard (job API) at {dead}" in errors[0], errors
+    assert not (workdir / "raw").exists() and (workdir / ".prefect").is_dir()
 
 
 PROBE = """
@@ -193,11 +198,13 @@ def test_ldm_run_end_to_end_refuses_a_changed_config_and_overwrite_redoes_that_s
 
     refused = _ldm_script(tmp_path, *common, "--set", "clip.epochs=2")
     assert refused.returncode == 1
-    # Prefect's own log lines (and its record of the failed task) come first, as in every `ldm run`; the
+    # Prefect's own log lines (its record of the failed task without the traceback) come first; the
     # user's answer is the one line the CLI prints last.
     errors = [line for line in refused.stderr.splitlines() if line.startswith("ldm: ")]
     assert len(errors) == 1 and refused.stderr.strip().splitlines()[-2:].count(errors[0]) == 1, refused.stderr[-3000:]
     assert str(outputs["train-clip"]) in errors[0] and "--overwrite" in errors[0]
+    # Bug caught: Prefect's console record of the failed task printing its traceback above that line.
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert {n: json.loads((o / MANIFEST).read_text()) for n, o in outputs.items()} == before  # nothing touched
 
     redone = _ldm_script(tmp_path, *common, "--set", "clip.epochs=2", "--overwrite")
