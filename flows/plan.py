@@ -26,9 +26,21 @@ class Throughput:
     source: str
 
 
-# Recorded GPU throughputs. docs/PERFORMANCE.md has no GPU measurement yet (its "GPU" section: the precompute
-# benchmark is written, not run), so the one figure is an external anchor, labelled as such.
+# Recorded GPU throughputs, the first whose `when` matches wins: measured ones (docs/PERFORMANCE.md) before the
+# external anchor, which stays labelled as such.
 THROUGHPUTS = (
+    Throughput(
+        stage="train",
+        when={
+            "unet.size": "sd2-base",
+            "ingest.resolution": 256,
+            "train.compile": True,
+            "train.grad_checkpointing": False,
+        },  # fmt: skip
+        images_per_s=466.1,
+        gpu="H200",
+        source="measured: bench/gpu_train.py --compile, 64 per GPU, bf16, one H200, 2026-11-28 (docs/PERFORMANCE.md)",
+    ),
     Throughput(
         stage="train",
         when={"unet.size": "sd2-base", "ingest.resolution": 256},

@@ -47,7 +47,7 @@ def run_plan(tmp_path: Path, *args: str) -> str:
 
 def test_prod_plan_lists_every_stage_and_touches_nothing(tmp_path):
     """The prod plan names every registry stage in order with the folder it writes, and estimates training's
-    GPU-hours from the labelled anchor while the stages without a GPU figure say so."""
+    GPU-hours from the measured figure (else the labelled anchor) while the stages without a GPU figure say so."""
     out = run_plan(tmp_path, "--profile", "prod")
     cfg = load_config("prod", [], None)
     wd = Workdir.of(cfg)
@@ -58,8 +58,12 @@ def test_prod_plan_lists_every_stage_and_touches_nothing(tmp_path):
         assert f"   output:    {wd.output(stage.name)}" in block, block
         positions.append(header)
     assert positions == sorted(positions)
-    assert "2,284 A100-hours" in out  # 550,000 steps x 2,048 images / 137 images/s / 3600
-    assert "external anchor" in out and "MosaicML" in out
+    assert "671 H200-hours" in out  # 550,000 steps x 2,048 images / 466.1 images/s (measured) / 3600
+    assert "measured: bench/gpu_train.py" in out
+    # Without the measured setting (compiled, no recomputation) the plan falls back to the labelled anchor.
+    (tmp_path / "eager").mkdir()
+    eager = run_plan(tmp_path / "eager", "--profile", "prod", "--set", "train.compile=false")
+    assert "2,284 A100-hours" in eager and "external anchor" in eager and "MosaicML" in eager
     assert "precompute: no measured figure" in out and "evaluate: no measured figure" in out
     assert "32 workers x 1 GPU" in out
 
