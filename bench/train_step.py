@@ -7,8 +7,8 @@
    leaving out the first --warmup steps; Ray Train's start-up, checkpoint, sample grid and export are
    outside those windows. The driver holds latents under 2 GiB in the object store (the demo's 4,000
    rows) and streams larger sets from the Parquet parts; --stream streams whatever the size, on a local
-   cluster with one logical CPU more than the cores (with exactly the cores, Ray Data's read tasks wait
-   for the CPUs the workers hold and the run hangs: seen with 2 CPUs and 2 workers).
+   cluster with one logical CPU more than the cores (with exactly the cores, Ray Data's read tasks would
+   wait for the CPUs the workers hold: the stage refuses that plan).
 2. Bare loop: one process, the same UNet (size from the config), global batch, precision (the loop's
    `autocast_dtype` rule), objective and per-step work as the loop (CFG dropout, clipping, AdamW, EMA),
    over the same rows collated once into in-memory tensors: no Ray, no DDP, no reader, no MLflow.
