@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from _common import cpu_name
 
 from data_prep.precompute import compute_dtype_name
 from flows.registry import run as run_stage
@@ -143,14 +144,6 @@ def peak_pss_mb(cmd: list[str]) -> float:
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed with {proc.returncode}")
     return peak / 2**20
-
-
-def cpu_name() -> str:
-    """The CPU model, as lscpu's 'Model name' (figures depend on it: AMX, AVX512-BF16)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:

@@ -11,22 +11,9 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+from _common import cpu_name
 
 
 def diffusers_loop(unet, sched, cond, uncond, steps: int, scale: float, seed: int, shape) -> torch.Tensor:

@@ -39,13 +39,13 @@ from _common import cpu_name, median_line
 
 from flows.registry import run as run_stage
 from ldm.config import PipelineConfig, load_config
+from ldm.devices import autocast_dtype
 from ldm.diffusion.guidance import unet_model_fn
 from ldm.diffusion.objective import apply_cfg_dropout, training_losses
 from ldm.diffusion.schedule import make_noise_scheduler
 from ldm.io import storage
 from ldm.io.latents import collate, empty_prompt
 from ldm.stage import Workdir
-from ldm.train.loop import autocast_dtype
 from ldm.train.state import Ema, lr_at
 from ldm.unet.model import build_unet
 

@@ -22,6 +22,20 @@ def use_bf16() -> bool:
     return has_amx()
 
 
+def autocast_dtype(mode: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of a mixed_precision setting ("auto", "bf16", "fp32") on a device, or None for fp32.
+
+    auto: bf16 on a GPU, and on a CPU with native bf16 (AMX or AVX512-BF16). On an AMD EPYC with
+    AVX512-BF16 and no AMX the tiny UNet's training step (16x16x4 latents, batch 64, 2 threads) took
+    0.35 s in bf16 vs 0.53 s in fp32, and its guided sampling forward ran 1.5-3x faster.
+    """
+    if mode == "fp32":
+        return None
+    if mode == "bf16" or device == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_inference() else None
+
+
 def bf16_inference() -> bool:
     """Whether bf16 autocast pays for inference (encoders) on this CPU: AMX, or AVX512-BF16, where one
     core's VAE encode of 64 px images ran 1.8-2.2x faster than fp32 (AMD EPYC, 2026-11-28)."""

@@ -68,9 +68,10 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     from mlflow import MlflowClient
 
     from ldm.clip.encoder import load_encoder
+    from ldm.devices import autocast_dtype
     from ldm.evaluate.data import real_batches, reference, reference_stats
     from ldm.evaluate.registry import register_best
-    from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point, sampling_bf16
+    from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point
     from ldm.metrics import judge as J
     from ldm.metrics.features import make_extractor
     from ldm.tracking import tracking_uri
@@ -94,7 +95,7 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
         clock.lap("ceilings_s")
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_run(parent).info.experiment_id
-    bf16 = sampling_bf16(ev.mixed_precision, parts.unets["ema"].device.type)
+    bf16 = autocast_dtype(ev.mixed_precision, parts.unets["ema"].device.type) is not None
     common = {"n_samples": len(prompts.prompts), "resolution": cfg.ingest.resolution, "extractor": extractor.name,
               "weights_hash": extractor.weights_hash, "prompts": manifest.digest(prompts.origin),
               "seed": cfg.seed, "batch_size": ev.batch_size,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ldm.config import PipelineConfig
-from ldm.devices import bf16_inference
+from ldm.devices import autocast_dtype
 from ldm.diffusion.guidance import make_sampler, sample
 from ldm.diffusion.objective import fit_to_length
 from ldm.io import manifest, storage
@@ -104,13 +104,6 @@ def prompt_states(parts: Parts, prompts: list[str]) -> tuple[torch.Tensor, torch
     return parts.states["cond"]
 
 
-def sampling_bf16(precision: str, device_type: str) -> bool:
-    """Whether evaluate.mixed_precision samples under bf16 autocast on this device."""
-    if precision == "auto":
-        return device_type == "cuda" or bf16_inference()
-    return precision == "bf16"
-
-
 def run_point(parts: Parts, prompts: list[str], targets: dict | None, ref: tuple, point: dict,
               seed: int, batch: int, precision: str = "fp32") -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
     """Metrics of one grid point and its first images (uint8): features and judge results streamed per batch."""
@@ -121,7 +114,7 @@ def run_point(parts: Parts, prompts: list[str], targets: dict | None, ref: tuple
     preds: dict[str, list[np.ndarray]] = {k: [] for k in J.HEADS}
     first = None
     device_type = unet.device.type
-    amp = sampling_bf16(precision, device_type)
+    amp = autocast_dtype(precision, device_type) is not None
     for b, i in enumerate(range(0, len(prompts), batch)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
