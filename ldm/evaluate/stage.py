@@ -71,7 +71,7 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     from ldm.devices import autocast_dtype
     from ldm.evaluate.data import real_batches, reference, reference_stats
     from ldm.evaluate.registry import register_best
-    from ldm.evaluate.sweep import ceilings, judge_for, load_parts, run_point
+    from ldm.evaluate.sweep import ceilings, judge_for, judge_key, load_parts, run_point
     from ldm.metrics import judge as J
     from ldm.metrics.features import make_extractor
     from ldm.tracking import tracking_uri
@@ -89,7 +89,7 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     if ev.judge and prompts.specs is not None:
         parts.judge = judge_for(cfg)
         clock.lap("judge_s")
-        rows = [J.labels(s) for s in prompts.specs]
+        rows = [J.prompted(s) for s in prompts.specs]  # position and background only where named
         targets = {k: np.array([r[k] for r in rows]) for k in J.HEADS}
         ceiling = ceilings(parts, real_batches(cfg, prompts.specs, ev.batch_size), targets)
         clock.lap("ceilings_s")
@@ -99,7 +99,8 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
     common = {"n_samples": len(prompts.prompts), "resolution": cfg.ingest.resolution, "extractor": extractor.name,
               "weights_hash": extractor.weights_hash, "prompts": manifest.digest(prompts.origin),
               "seed": cfg.seed, "batch_size": ev.batch_size,
-              "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
+              "precision": "bf16" if bf16 else "fp32",
+              "judge": judge_key(cfg) if parts.judge is not None else None}  # fmt: skip
     rows, keys, logged, skipped = [], {}, 0, 0
     for point in grid_points(ev):
         params = {**point, **common, "model_hash": parts.model_hashes[point["checkpoint"]]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,21 +68,28 @@ def load_parts(cfg: PipelineConfig, pipeline_dir: Path, checkpoint: Path, scorer
     return Parts(pipeline_dir, index, unets, hashes, vae, sched, text, scorer, extractor)
 
 
+def judge_key(cfg: PipelineConfig) -> str:
+    """What identifies the judge: its version, training set and resolution (cache key and sweep-point param)."""
+    ev, src = cfg.evaluate, cfg.source
+    return manifest.digest({"version": J.JUDGE_VERSION, "samples": ev.judge_samples, "epochs": ev.judge_epochs,
+                           "resolution": cfg.ingest.resolution, "source_seed": src.seed,
+                           "image_size": src.image_size, "seed": cfg.seed,
+                           "min_rating": cfg.filter.aesthetic_min})  # fmt: skip
+
+
 def judge_for(cfg: PipelineConfig) -> J.JudgeNet:
-    """The judge for this world and resolution: cached by its config hash under W/cache/judge/, else trained."""
+    """The judge for this world and resolution: cached by judge_key under W/cache/judge/, else trained."""
     from ldm.evaluate.data import cache_url
 
     ev, src = cfg.evaluate, cfg.source
-    key = manifest.digest({"version": J.JUDGE_VERSION, "samples": ev.judge_samples, "epochs": ev.judge_epochs,
-                           "resolution": cfg.ingest.resolution, "source_seed": src.seed,
-                           "image_size": src.image_size, "seed": cfg.seed})  # fmt: skip
-    url = cache_url(cfg, "judge", key, "safetensors")
+    url = cache_url(cfg, "judge", judge_key(cfg), "safetensors")
     if storage.exists(url):
         fs, path = storage.fs_for(url)
         with fs.open(path, "rb") as f:
             return J.from_bytes(f.read())
-    indices = range(J.JUDGE_START, J.JUDGE_START + ev.judge_samples)
-    images, targets = J.render_labelled(src.seed, indices, src.image_size, cfg.ingest.resolution)
+    # The scenes the prompts come from: rated >= the filter's threshold (evaluate.data.prompt_set).
+    images, targets = J.render_labelled(src.seed, itertools.count(J.JUDGE_START), src.image_size,
+                                        cfg.ingest.resolution, cfg.filter.aesthetic_min, ev.judge_samples)  # fmt: skip
     net = J.train_judge(images, targets, ev.judge_epochs, cfg.seed)
     storage.write_bytes_atomic(url, J.to_bytes(net))
     return net

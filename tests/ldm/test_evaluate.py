@@ -50,7 +50,8 @@ def test_sweeps_of_two_runs_compare_and_register_a_loadable_model(trained):
 
     Bugs caught: child runs not attached to the training run (no mlflow.parentRunId); param or metric names
     that differ between runs (the MLflow UI cannot compare them); a pyfunc model that does not load outside
-    the stage (artefact layout, pickled state); a rerun that resamples and logs duplicate points.
+    the stage (artefact layout, pickled state); a rerun that resamples and logs duplicate points; a rerun
+    with another judge that reuses the old judge's accuracies.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -97,6 +98,12 @@ def test_sweeps_of_two_runs_compare_and_register_a_loadable_model(trained):
     assert len(_children(client, again["mlflow_parent_run_id"])) == 4
     old = {r["mlflow_run_id"]: r for r in manifests["a"]["grid"]}
     assert all(old[r["mlflow_run_id"]] == r for r in again["grid"] if r["guidance"] != 2)
+
+    # Another judge reads the same images differently: its points are new ones, not the old judge's scores.
+    rejudged = wider.model_copy(deep=True)
+    rejudged.evaluate.judge_epochs += 1
+    third = run("evaluate", rejudged, overwrite=True)
+    assert third["points"] == {"logged": 4, "skipped": 0}
 
 
 def test_plain_diffusers_loop_gives_our_latents(trained):

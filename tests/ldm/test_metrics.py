@@ -175,3 +175,53 @@ def test_judge_labels_are_canonical():
             assert flipped == lab and lab["position"] == IGNORE and lab["axis"] in (0, 1)
         else:
             assert lab["colour_b"] == IGNORE and 0 <= lab["position"] < 5
+
+
+def test_judge_scores_position_and_background_only_where_the_prompt_names_them():
+    """A caption that names no position (or background) leaves that label out of the accuracy; a pair's
+    relation always counts; colour and shape always count.
+
+    Bugs caught: grading a generated image's position against a prompt that never asked for one (a coin
+    toss that drags the position accuracy toward chance whatever the model does).
+    """
+    from ldm.metrics.judge import IGNORE, labels, prompted
+    from ldm.synthetic import POSITIONS, describe
+
+    seen = set()
+    for i in range(300):
+        s = describe(0, i, 64)
+        full, scored = labels(s), prompted(s)
+        named_pos = any(p in s.caption for p in POSITIONS)
+        named_bg = s.background in s.caption
+        if len(s.objects) == 1:
+            assert (scored["position"] == full["position"]) == named_pos
+            assert (scored["position"] == IGNORE) == (not named_pos)
+            seen.add(("pos", named_pos))
+        else:
+            assert scored["axis"] == full["axis"] != IGNORE
+        assert (scored["background"] == IGNORE) == (not named_bg)
+        seen.add(("bg", named_bg))
+        assert {k: scored[k] for k in ("colour_a", "shape_a", "colour_b", "shape_b")} == {
+            k: full[k] for k in ("colour_a", "shape_a", "colour_b", "shape_b")
+        }
+    assert seen == {("pos", True), ("pos", False), ("bg", True), ("bg", False)}
+
+
+def test_judge_renders_only_scenes_rated_at_least_the_floor():
+    """With min_rating the judge's renders are the scenes rated >= it, in index order, up to `limit`.
+
+    Bugs caught: a judge trained on the whole world's degraded renders (at 64 px it then read held-out
+    shapes at 0.45 instead of 0.69); a limit that is ignored or off by one.
+    """
+    from ldm.metrics.judge import render_labelled
+    from ldm.synthetic import describe
+
+    indices = range(500, 700)
+    rated = [i for i in indices if describe(3, i, 48).rating >= 6.0]
+    assert 0 < len(rated) < len(indices)
+    images, targets = render_labelled(3, indices, 48, 32, min_rating=6.0)
+    assert len(images) == len(targets["shape_a"]) == len(rated)
+    first, _ = render_labelled(3, rated[:1], 48, 32)
+    assert np.array_equal(images[0], first[0])
+    limited, _ = render_labelled(3, indices, 48, 32, min_rating=6.0, limit=7)
+    assert len(limited) == 7 and np.array_equal(limited, images[:7])
