@@ -6,7 +6,7 @@
    The Ray cluster is started before timing (as on a real cluster); its start-up is printed
    separately. Each run times --rows/2 and --rows rows: end-to-end images/s at the full size, and the
    marginal rate between the sizes, which cancels each side's fixed cost per run (model loading;
-   for the stage, three actors importing torch and diffusers). Alternating runs; medians and ratios.
+   for the stage, its actors importing torch, diffusers and open_clip). Alternating runs; medians and ratios.
 2. Streaming: peak unique memory (PSS: shared pages, such as the object store's mapping, counted once
    across processes) of the whole process tree of `ldm stage precompute` (driver, raylet, GCS,
    workers) at 2,000, 8,000 and 32,000 rows, made by replicating the filtered shards.
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from _common import cpu_name
 
-from data_prep.precompute import compute_dtype_name
+from data_prep.precompute.stage import compute_dtype_name
 from flows.registry import run as run_stage
 from ldm.config import load_config
 from ldm.io import storage

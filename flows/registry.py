@@ -105,8 +105,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="precompute",
         fields=("precompute", "text_encoder", "ingest.resolution", "seed"),
-        work="data_prep.precompute:precompute",
-        summary="data_prep.precompute:summary",
+        work="data_prep.precompute.stage:precompute",
+        summary="data_prep.precompute.stage:summary",
         inputs=_precompute_inputs,
         weights=_precompute_weights,
     ),

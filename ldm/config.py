@@ -211,7 +211,7 @@ class PrecomputeConfig(Section):
         256, ge=1, description="rows per encoder call (CPU actors encode them 16 at a time)", json_schema_extra=KNOB
     )
     actors: int | None = Field(
-        None, ge=1, description="VAE actors; None = what the cluster allows", json_schema_extra=KNOB
+        None, ge=1, description="encoder actors; None = one per CPU core (per GPU on GPUs)", json_schema_extra=KNOB
     )
     half: bool = Field(
         True, description="VAE in half precision: fp16 on a GPU, bf16 on a CPU with AMX or AVX512-BF16; else fp32"
