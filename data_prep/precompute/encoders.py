@@ -1,8 +1,7 @@
 """The precompute's encoders as callable classes for Ray Data actors: VAE latents, caption states, both.
 
 Each callable class loads its model once in `__init__` (once per actor) and keeps `__call__(batch)`
-a pure function of the batch; resources are set where `map_batches` is called. Row reading lives in
-data_prep.precompute.rows, which imports no torch: the tasks that run it start in a fraction of the time.
+a pure function of the batch; resources are set where `map_batches` is called.
 """
 
 from __future__ import annotations
@@ -101,11 +100,12 @@ class ShardEncoder:
     """One actor call per filtered shard: read it, decode its JPEGs, VAE latents, caption token states.
 
     The whole row path in one actor type, instead of read tasks, decode tasks, a VAE pool and a text
-    pool: on a 2-core CPU each extra worker process spends seconds importing before the first row moves
-    (the stage's fixed cost per run fell from 14 s to ~7 s with the first two steps of this), and each
-    extra operator is one more hop of every row through the object store. The text tower and the decode
-    are ~8% and ~3% of the VAE's work, so running them in line costs the VAE little; a shard is encoded
-    in batches of precompute.batch_size rows.
+    pool: on a 2-core CPU every extra worker process spent seconds importing before its first row (a
+    read task's worker imported torch, diffusers and open_clip along with the module of shard_rows), and
+    every extra operator is one more hop of each row through the object store. With one actor type the
+    stage's fixed cost per run fell from 14 s to 5-6 s (docs/PERFORMANCE.md). The text tower and the
+    decode are ~8% and ~3% of the VAE's work, so running them in line costs the VAE little; a shard is
+    encoded in batches of precompute.batch_size rows, and an actor holds one shard's rows at a time.
     """
 
     def __init__(self, cfg_dict: dict[str, Any], latent: str, seed: int):

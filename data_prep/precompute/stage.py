@@ -144,12 +144,12 @@ def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, s
     written = 0
     try:
         written = _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending)
-    except Exception as e:  # a Ray task's error arrives wrapped (RayTaskError, UserCodeException): name the cause
+    except Exception as e:  # an actor's error arrives wrapped (RayTaskError, UserCodeException): name the cause
         cause = root_cause(e)
         if isinstance(cause, ShardError):
             what = f"unreadable filtered shard {cause}"
             raise StageError(f"precompute: {what}; rerun the filter stage with --overwrite") from e
-        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))  # a row refused inside a task
+        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))  # a row refused inside an actor
         if found:
             raise StageError(found.group(0)) from None
         if isinstance(cause, StageError | UnidentifiedImageError):

@@ -304,20 +304,3 @@ def test_a_sample_without_scores_or_caption_is_refused(tmp_path):
             shard_rows({"name": "00000", "url": url})
     write_shard(url, [good])
     assert shard_rows({"name": "00000", "url": url})[0]["aesthetic"] == 5.0
-
-
-def test_row_reading_imports_no_torch():
-    """The precompute package and its row reader import without torch, diffusers or open_clip.
-
-    Bug caught: a heavy import in data_prep/precompute/__init__.py or rows.py, which every Ray worker that
-    reads rows pays for (it was 3.5 s of a core per worker, half the stage's fixed cost on 2 cores).
-    """
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, data_prep.precompute, data_prep.precompute.rows; "
-        "print(sorted(m for m in ('torch', 'diffusers', 'open_clip') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
