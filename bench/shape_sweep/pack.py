@@ -31,20 +31,6 @@ from ldm.evaluate.data import prompt_set
 from ldm.metrics import judge as J
 
 
-def states(enc: ClipEncoder, texts: list[str], layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token states after `layers` text blocks and ln_final (layers = all but one: SD 2's penultimate)."""
-    m, out, lens = enc.model, [], []
-    with torch.no_grad():
-        for i in range(0, len(texts), 256):
-            tok = enc.tokenize(texts[i : i + 256])
-            x = m.token_embedding(tok) + m.positional_embedding
-            for block in m.transformer.resblocks[:layers]:
-                x = block(x, attn_mask=m.attn_mask)
-            out.append(m.ln_final(x))
-            lens.append(enc.lengths(tok))
-    return torch.cat(out), torch.cat(lens)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="work/demo")
@@ -77,9 +63,9 @@ def main() -> None:
         name, rest = spec.split("=", 1)
         folder, layers = rest.rsplit(":", 1)
         enc = ClipEncoder(load_saved(folder))
-        s, n = states(enc, caps, int(layers))
-        es, en = states(enc, ps.prompts, int(layers))
-        e0, e0n = states(enc, [""], int(layers))
+        s, n = enc.token_states(caps, blocks=int(layers))
+        es, en = enc.token_states(ps.prompts, blocks=int(layers))
+        e0, e0n = enc.token_states([""], blocks=int(layers))
         variants[name] = {"flat": torch.cat([s[i, : n[i]] for i in range(len(caps))]).half(), "lens": n,
                           "ev": es.half(), "ev_lens": en, "empty": e0[0].half(), "empty_len": int(e0n[0])}  # fmt: skip
     torch.save(variants, out / "text_variants.pt")

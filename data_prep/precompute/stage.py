@@ -2,8 +2,8 @@
 
 One streaming Ray Data pipeline: a pool of encoder actors takes one shard per call (read, decode, VAE
 latent, caption states), and the driver writes each input shard's rows as one Parquet part,
-atomically, as soon as the shard is complete. Parts are named by input
-shard, so a killed run resumes with the missing ones.
+atomically, as soon as the shard is complete. Parts are named by input shard, so a killed run
+resumes with the missing ones.
 """
 
 from __future__ import annotations

@@ -102,30 +102,31 @@ class ClipEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
     @torch.no_grad()
-    def token_states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_states(self, captions: Sequence[str], blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token states [N, L, W] of the penultimate text layer after ln_final, and token counts [N].
 
         Exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual block but the
         last, with the causal mask, then the final LayerNorm; positions past a caption's length are
-        padding states (kept, as SD 2 keeps them).
+        padding states (kept, as SD 2 keeps them). `blocks` runs that many blocks instead (what
+        bench/shape_sweep compares); None is the penultimate layer.
         """
         states, lengths = [], []
         for i in range(0, len(captions), self.batch_size):
             tokens = self.tokenize(captions[i : i + self.batch_size])
-            states.append(self._penultimate(tokens.to(self.device)).float().cpu())
+            states.append(self._states(tokens.to(self.device), blocks).float().cpu())
             lengths.append(self.lengths(tokens))
         if not states:
             return torch.zeros(0, self.context_length, self.token_width), torch.zeros(0, dtype=torch.long)
         return torch.cat(states), torch.cat(lengths)
 
-    def _penultimate(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _states(self, tokens: torch.Tensor, blocks: int | None) -> torch.Tensor:
         m = self.model
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
         batch_first = getattr(m.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for block in m.transformer.resblocks[:-1]:
+        for block in m.transformer.resblocks[:-1] if blocks is None else m.transformer.resblocks[:blocks]:
             x = block(x, attn_mask=m.attn_mask)
         if not batch_first:
             x = x.transpose(0, 1)
