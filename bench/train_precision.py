@@ -1,4 +1,8 @@
-"""Tiny UNet training step time, fp32 vs bf16 autocast, on this CPU: the figure behind train.mixed_precision=auto."""
+"""Tiny UNet training step time on this CPU: fp32 vs bf16 autocast, torch's SDPA vs diffusers' plain
+attention. The figures behind train.mixed_precision=auto and `ldm.unet.model.training_attention`.
+
+The demo trains with 2 Ray workers of 1 thread each (micro-batch 32), so that shape is measured too.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +12,43 @@ import time
 
 import torch
 
-from ldm.unet.model import build_unet
+from ldm.unet.model import build_unet, training_attention
 
 
-def step_time(bs: int, bf16: bool, repeats: int) -> float:
+def step_time(bs: int, bf16: bool, plain_attention: bool, repeats: int) -> float:
     """Median seconds of forward + backward + AdamW step of the tiny UNet on 16x16x4 latents."""
     unet = build_unet("tiny", 4, 16, 128, seed=0)
+    if plain_attention:
+        training_attention(unet, "cpu")
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
     x, t, c = torch.randn(bs, 4, 16, 16), torch.randint(0, 1000, (bs,)), torch.randn(bs, 20, 128)
+    mask = torch.ones(bs, 20, dtype=torch.bool)
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + 2):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = unet(x, t, encoder_hidden_states=c).sample
+            out = unet(x, t, encoder_hidden_states=c, encoder_attention_mask=mask).sample
         (out.float() - x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return sorted(times[2:])[len(times[2:]) // 2]
 
 
 def main() -> None:
-    """Print fp32 and bf16 step times side by side for a few batch sizes."""
+    """Print the four step times side by side for each (threads, batch) shape, with the ratios."""
     p = argparse.ArgumentParser()
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"cpu: {platform.processor() or platform.machine()}, threads {args.threads}")
-    for bs in (16, 64):
-        fp32, bf16 = step_time(bs, False, args.repeats), step_time(bs, True, args.repeats)
-        print(f"batch {bs}: fp32 {fp32:.3f} s, bf16 autocast {bf16:.3f} s, speed-up {fp32 / bf16:.2f}x")
+    print(f"cpu: {platform.processor() or platform.machine()}")
+    for threads, bs in ((1, 32), (2, 64)):
+        torch.set_num_threads(threads)
+        t = {(bf16, plain): step_time(bs, bf16, plain, args.repeats) for bf16 in (False, True) for plain in (False, True)}
+        print(
+            f"{threads} thread(s), batch {bs}: fp32 sdpa {t[False, False]:.3f} s, fp32 plain {t[False, True]:.3f} s, "
+            f"bf16 sdpa {t[True, False]:.3f} s, bf16 plain {t[True, True]:.3f} s; "
+            f"bf16 plain vs bf16 sdpa {t[True, False] / t[True, True]:.2f}x, vs fp32 sdpa {t[False, False] / t[True, True]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from ldm.io import storage
 from ldm.io.latents import collate, empty_prompt
 from ldm.stage import Workdir
 from ldm.train.state import Ema, lr_at
-from ldm.unet.model import build_unet
+from ldm.unet.model import build_unet, training_attention
 
 
 def stage_workdir(src: Path, dest: Path) -> None:
@@ -89,6 +89,7 @@ def bare_loop(cfg: PipelineConfig, m: dict, batches: list, threads: int, steps: 
     tc, shape, text_dim = cfg.train, m["latent_shape"], m["text_dim"]
     amp = autocast_dtype(tc.mixed_precision, "cpu")
     unet = build_unet(cfg.unet.size, shape[0], shape[1], text_dim, seed=cfg.seed)
+    training_attention(unet, "cpu")
     ema = Ema(unet, tc.ema_decay, tc.ema_warmup)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     fn, alphas, empty = unet_model_fn(unet), make_noise_scheduler(cfg.diffusion).alphas_cumprod, empty_prompt(m)

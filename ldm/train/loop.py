@@ -25,7 +25,7 @@ from ldm.diffusion.objective import apply_cfg_dropout, training_losses
 from ldm.diffusion.schedule import make_noise_scheduler
 from ldm.io.latents import collate, empty_prompt
 from ldm.train.state import Ema, load_state, lr_at, save_state
-from ldm.unet.model import build_unet
+from ldm.unet.model import build_unet, training_attention
 
 
 def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -100,6 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
     amp = autocast_dtype(tc.mixed_precision, device)
     shape, text_dim = latents["latent_shape"], latents["text_dim"]
     unet = build_unet(cfg.unet.size, shape[0], shape[1], text_dim, seed=cfg.seed)
+    training_attention(unet, device)
     if tc.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     # On the device before the optimizer exists, so a restored AdamW state lands next to its parameters.
