@@ -43,11 +43,13 @@ def main() -> None:
     print(f"cpu: {platform.processor() or platform.machine()}")
     for threads, bs in ((1, 32), (2, 64)):
         torch.set_num_threads(threads)
-        t = {(bf16, plain): step_time(bs, bf16, plain, args.repeats) for bf16 in (False, True) for plain in (False, True)}
+        kinds = [(bf16, plain) for bf16 in (False, True) for plain in (False, True)]
+        t = {k: step_time(bs, *k, args.repeats) for k in kinds}
         print(
             f"{threads} thread(s), batch {bs}: fp32 sdpa {t[False, False]:.3f} s, fp32 plain {t[False, True]:.3f} s, "
             f"bf16 sdpa {t[True, False]:.3f} s, bf16 plain {t[True, True]:.3f} s; "
-            f"bf16 plain vs bf16 sdpa {t[True, False] / t[True, True]:.2f}x, vs fp32 sdpa {t[False, False] / t[True, True]:.2f}x"
+            f"bf16 plain vs bf16 sdpa {t[True, False] / t[True, True]:.2f}x, "
+            f"vs fp32 sdpa {t[False, False] / t[True, True]:.2f}x"
         )
 
 

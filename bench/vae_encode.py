@@ -17,7 +17,7 @@ import torch
 
 from ldm.autoencoder.model import load_vae
 from ldm.config import load_config
-from ldm.devices import bf16_inference, has_amx
+from ldm.devices import has_amx, native_bf16
 
 VARIANTS = [  # (label, channels_last, chunk, bf16)
     ("fp32 contiguous, batches of 64", False, 64, False),
@@ -53,7 +53,7 @@ def main() -> None:
             encode(*args)
             if r:
                 rates[label].append(a.images / (time.perf_counter() - t))
-    amx, bf16 = ("yes" if f() else "no" for f in (has_amx, bf16_inference))
+    amx, bf16 = ("yes" if f() else "no" for f in (has_amx, native_bf16))
     print(f"\n{a.images} images at {res} px, 1 thread, AMX {amx}, bf16 encode {bf16} (images/s)")
     for label, xs in rates.items():
         print(f"  {label:<34} median {statistics.median(xs):6.1f}   runs {', '.join(f'{v:.0f}' for v in xs)}")

@@ -16,7 +16,7 @@ from data_prep.precompute.rows import Batch, columns, decode_images, shard_rows
 from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig
-from ldm.devices import bf16_inference
+from ldm.devices import native_bf16
 
 CPU_CHUNK = 16  # images per VAE forward on a CPU actor
 
@@ -27,7 +27,7 @@ def vae_compute_dtype(cfg, device_type: str):
         return torch.float32
     if device_type == "cuda":
         return torch.float16
-    return torch.bfloat16 if bf16_inference() else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _threads(use_gpu: bool) -> None:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ldm.clip.encoder import ClipEncoder, to_model_input
 from ldm.clip.model import build_model, build_tokenizer, tiny_model_config
 from ldm.config import ClipConfig
-from ldm.devices import use_bf16
+from ldm.devices import native_bf16
 
 WARMUP_FRACTION = 0.1  # from-scratch contrastive training collapses (loss stuck at log B) without it
 WEIGHT_DECAY = 0.1
@@ -88,7 +88,7 @@ def train_clip(
     # fused: one kernel over all parameters; the unfused loop costs as much as the text tower on CPU.
     opt = torch.optim.AdamW(_param_groups(model), lr=clip_cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     loss_fn = ClipLoss()
-    bf16 = use_bf16()
+    bf16 = native_bf16()
     step = 0
     bar = tqdm(total=total, desc="train-clip", unit="step", dynamic_ncols=True, leave=False)
     for epoch in range(clip_cfg.epochs):

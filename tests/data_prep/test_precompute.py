@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.registry import run as run_stage
-from ldm.devices import bf16_inference
+from ldm.devices import native_bf16
 from ldm.io import storage
 from ldm.io.latents import collate, empty_prompt, latent_dataset, load_latent_manifest
 from ldm.io.manifest import StageError
@@ -70,7 +70,7 @@ def test_latents_are_the_vae_posterior_means(latents):
     cfg, m = latents
     # bf16 exactly where this CPU runs it fast (AMX or AVX512-BF16), fp32 elsewhere: catches a dtype choice
     # that ignores the hardware (or the manifest recording another dtype than the actors used).
-    assert m["vae_compute_dtype"] == ("bfloat16" if bf16_inference() else "float32")
+    assert m["vae_compute_dtype"] == ("bfloat16" if native_bf16() else "float32")
     samples = {s["key"]: s for tar in sorted((Path(cfg.workdir) / "filtered" / "shards").glob("*.tar"))
                for s in iter_samples(str(tar))}  # fmt: skip
     rows = pq.read_table(_parts(cfg.workdir)[0]).to_pylist()[:16]
