@@ -69,12 +69,13 @@ def load_parts(cfg: PipelineConfig, pipeline_dir: Path, checkpoint: Path, scorer
 
 
 def judge_key(cfg: PipelineConfig) -> str:
-    """What identifies the judge: its version, training set and resolution (cache key and sweep-point param)."""
+    """What identifies the judge: its version, training set, resolution and training precision (cache key
+    and sweep-point param)."""
     ev, src = cfg.evaluate, cfg.source
     return manifest.digest({"version": J.JUDGE_VERSION, "samples": ev.judge_samples, "epochs": ev.judge_epochs,
                            "resolution": cfg.ingest.resolution, "source_seed": src.seed,
                            "image_size": src.image_size, "seed": cfg.seed,
-                           "min_rating": cfg.filter.aesthetic_min})  # fmt: skip
+                           "min_rating": cfg.filter.aesthetic_min, "precision": J.judge_precision()})  # fmt: skip
 
 
 def judge_for(cfg: PipelineConfig) -> J.JudgeNet:

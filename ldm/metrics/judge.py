@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
+from ldm.devices import native_bf16
 from ldm.io.shards import decode_rgb
 from ldm.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SampleSpec, describe, render
 
@@ -32,7 +33,7 @@ HEADS = {
     "axis": 2,
 }
 JUDGE_START = 20_000_000  # render indices of the judge's training set: apart from held-out prompts
-JUDGE_VERSION = 3  # bump when the labels, the training renders or the network change: cached weights are keyed by it
+JUDGE_VERSION = 4  # bump when the labels, the training renders or the network change: cached weights are keyed by it
 _COLOURS, _BACKGROUNDS, _POS = list(COLOURS), list(BACKGROUNDS), list(POSITIONS.values())
 
 
@@ -130,9 +131,14 @@ def _tensor(images: np.ndarray) -> torch.Tensor:
 
 def train_judge(images: np.ndarray, targets: dict[str, np.ndarray], epochs: int, seed: int,
                 batch_size: int = 64) -> JudgeNet:  # fmt: skip
-    """Fit the judge on labelled uint8 images (summed cross-entropy over the attributes that apply)."""
+    """Fit the judge on labelled uint8 images (summed cross-entropy over the attributes that apply).
+
+    Channels-last, and bf16 autocast where the CPU has native bf16 (judge_precision()): a step of 64
+    took 0.037 s instead of 0.086-0.111 s in fp32 on an AMD EPYC with AVX512-BF16, 2 threads.
+    """
     torch.manual_seed(seed)
-    net = JudgeNet()
+    net = JudgeNet().to(memory_format=torch.channels_last)
+    bf16 = judge_precision() == "bf16"
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     x, y = _tensor(images), {k: torch.as_tensor(v) for k, v in targets.items()}
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
@@ -143,13 +149,19 @@ def train_judge(images: np.ndarray, targets: dict[str, np.ndarray], epochs: int,
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
-            logits = net(x[idx])
-            loss = sum(nn.functional.cross_entropy(logits[k], y[k][idx], ignore_index=IGNORE) for k in HEADS)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x[idx].contiguous(memory_format=torch.channels_last))
+            loss = sum(nn.functional.cross_entropy(logits[k].float(), y[k][idx], ignore_index=IGNORE) for k in HEADS)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    return net.eval()
+    return net.to(memory_format=torch.contiguous_format).eval()
+
+
+def judge_precision() -> str:
+    """The precision train_judge trains in on this machine (part of the judge's identity)."""
+    return "bf16" if native_bf16() else "fp32"
 
 
 @torch.no_grad()
