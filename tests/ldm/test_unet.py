@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel
 from ldm.config import DiffusionConfig, UnetConfig
 from ldm.diffusion import make_noise_scheduler, training_losses, unet_model_fn
 from ldm.unet import UNET_SIZES, build_unet, check_unet_matches, unet_config
+from ldm.unet.model import training_attention
 
 SD2_BASE_PARAMS = 865_910_724  # stabilityai/stable-diffusion-2-base's UNet
 
@@ -64,6 +65,29 @@ def test_seeded_build_is_a_pure_function_of_the_seed():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_training_attention_matches_sdpa_and_keeps_the_text_mask():
+    """The CPU training processor computes what SDPA does, padded text tokens included.
+
+    Bugs caught: a processor that drops encoder_attention_mask (padding would then steer the
+    cross-attention: the model would train on one function and sample with another), or a swap that
+    reaches the GPU path or changes the weights' math.
+    """
+    unet = build_unet("tiny", 4, 8, 32, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    junk = torch.where(mask[..., None], text, 50 * torch.randn(2, 6, 32, generator=g))
+    fn, t = unet_model_fn(unet), torch.tensor([10, 500])
+    with torch.no_grad():
+        sdpa = fn(z, t, text, mask)
+        training_attention(unet, "cuda")
+        assert torch.equal(fn(z, t, text, mask), sdpa)
+        training_attention(unet, "cpu")
+        plain, plain_junk = fn(z, t, text, mask), fn(z, t, junk, mask)
+    torch.testing.assert_close(plain, sdpa, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain_junk, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_two_training_steps_move_the_weights_and_stay_finite():
