@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import platform
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,3 +25,15 @@ def median_line(name: str, xs: list[float], unit: str, width: int = 28) -> str:
     """'  name   median M unit   runs a, b, c' for a list of per-repeat figures."""
     runs = ", ".join(f"{x:.1f}" for x in xs)
     return f"  {name:<{width}} median {statistics.median(xs):8.1f} {unit}   runs {runs}"
+
+
+def median_step_s(step: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `repeats` calls of step, after `warmup` calls left out (allocator, kernel choice)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

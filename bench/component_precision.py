@@ -8,12 +8,11 @@ and 32-token captions for the CLIP (batch 64), the VAE's 32 px training crops (b
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name, median_step_s
 from open_clip.loss import ClipLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -21,17 +20,6 @@ from ldm.autoencoder.model import build_vae
 from ldm.clip.train import init_model
 from ldm.config import ClipConfig, VaeConfig
 from ldm.devices import has_amx, has_avx512_bf16
-
-
-def median_step(make: Callable[[], Callable[[], None]], repeats: int) -> float:
-    """Median seconds of a step function after two warm-up steps."""
-    step = make()
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[repeats // 2]
 
 
 def clip_step(bf16: bool) -> Callable[[], None]:
@@ -77,15 +65,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=9)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"cpu: {platform.processor() or platform.machine()}, AMX {has_amx()}, AVX512-BF16 {has_avx512_bf16()}, "
-          f"threads {args.threads}")  # fmt: skip
+    print(f"cpu: {cpu_name()}, AMX {has_amx()}, AVX512-BF16 {has_avx512_bf16()}, threads {args.threads}")
     for name, make in (
         ("clip, batch 64", clip_step),
         ("vae, batch 16", lambda bf16: vae_step(bf16, 16)),
         ("vae, batch 32", lambda bf16: vae_step(bf16, 32)),
     ):
-        fp32 = median_step(lambda make=make: make(False), args.repeats)
-        bf16 = median_step(lambda make=make: make(True), args.repeats)
+        fp32, bf16 = median_step_s(make(False), args.repeats), median_step_s(make(True), args.repeats)
         print(f"{name}: fp32 {fp32:.4f} s, bf16 autocast {bf16:.4f} s, bf16 speed-up {fp32 / bf16:.2f}x")
 
 

@@ -7,10 +7,9 @@ The demo trains with 2 Ray workers of 1 thread each (micro-batch 32), so that sh
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 
 import torch
+from _common import cpu_name, median_step_s
 
 from ldm.unet.model import build_unet, training_attention
 
@@ -23,16 +22,15 @@ def step_time(bs: int, bf16: bool, plain_attention: bool, repeats: int) -> float
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
     x, t, c = torch.randn(bs, 4, 16, 16), torch.randint(0, 1000, (bs,)), torch.randn(bs, 20, 128)
     mask = torch.ones(bs, 20, dtype=torch.bool)
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = unet(x, t, encoder_hidden_states=c, encoder_attention_mask=mask).sample
         (out.float() - x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[len(times[2:]) // 2]
+
+    return median_step_s(step, repeats)
 
 
 def main() -> None:
@@ -40,7 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    print(f"cpu: {platform.processor() or platform.machine()}")
+    print(f"cpu: {cpu_name()}")
     for threads, bs in ((1, 32), (2, 64)):
         torch.set_num_threads(threads)
         kinds = [(bf16, plain) for bf16 in (False, True) for plain in (False, True)]
