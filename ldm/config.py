@@ -125,6 +125,12 @@ class TextEncoderConfig(Section):
         "same", description="'same' (or null): the `clip` model (the tiny one train-clip makes); or an open_clip name"
     )
     weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
+    blocks: int | None = Field(
+        None,
+        ge=0,
+        description="text transformer blocks run before the final LayerNorm; None: all but the last (SD 2's "
+        "penultimate layer); 0: the token and position embeddings alone",
+    )
 
     @property
     def same_as_clip(self) -> bool:

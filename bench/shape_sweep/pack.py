@@ -62,10 +62,10 @@ def main() -> None:
     for spec in args.variant:
         name, rest = spec.split("=", 1)
         folder, layers = rest.rsplit(":", 1)
-        enc = ClipEncoder(load_saved(folder))
-        s, n = enc.token_states(caps, blocks=int(layers))
-        es, en = enc.token_states(ps.prompts, blocks=int(layers))
-        e0, e0n = enc.token_states([""], blocks=int(layers))
+        enc = ClipEncoder(load_saved(folder), blocks=int(layers))
+        s, n = enc.token_states(caps)
+        es, en = enc.token_states(ps.prompts)
+        e0, e0n = enc.token_states([""])
         variants[name] = {"flat": torch.cat([s[i, : n[i]] for i in range(len(caps))]).half(), "lens": n,
                           "ev": es.half(), "ev_lens": en, "empty": e0[0].half(), "empty_len": int(e0n[0])}  # fmt: skip
     torch.save(variants, out / "text_variants.pt")

@@ -36,11 +36,12 @@ def _component_identities(run: StageRun) -> tuple[dict, dict]:
     vae = {"path": cfg.vae.path or run.workdir.output("train-vae"), "weights": run.inputs["train-vae"]["config_hash"]}
     te = cfg.text_encoder
     if not te.same_as_clip:  # its own model (SD 2: OpenCLIP ViT-H-14), identified by the file's content
-        return vae, {"arch": te.arch, "path": te.weights, "weights": content_id(str(te.weights))}
+        return vae, {"arch": te.arch, "path": te.weights, "weights": content_id(str(te.weights)), "blocks": te.blocks}
     text = {
         "arch": cfg.clip.arch,
         "path": cfg.clip.weights if cfg.clip.arch != "tiny" else run.workdir.output("train-clip"),
         "weights": run.inputs["train-clip"]["config_hash"],
+        "blocks": te.blocks,
     }
     return vae, text
 

@@ -40,8 +40,18 @@ def to_model_input(
 class ClipEncoder:
     """A frozen open_clip CLIP plus its tokenizer: image/text embeddings and per-token text states."""
 
-    def __init__(self, model: CLIP, tokenizer: open_clip.SimpleTokenizer | None = None, batch_size: int = 256):
+    def __init__(
+        self,
+        model: CLIP,
+        tokenizer: open_clip.SimpleTokenizer | None = None,
+        batch_size: int = 256,
+        blocks: int | None = None,
+    ):
         self.model = model.eval().requires_grad_(False)
+        layers = len(model.transformer.resblocks)
+        if blocks is not None and not 0 <= blocks <= layers:
+            raise StageError(f"text_encoder.blocks {blocks}: this text transformer has {layers} blocks (0-{layers})")
+        self.blocks = blocks
         self.tokenizer = tokenizer or build_tokenizer(model.context_length)
         self.batch_size = batch_size
         pre = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -102,18 +112,18 @@ class ClipEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
     @torch.no_grad()
-    def token_states(self, captions: Sequence[str], blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token states [N, L, W] of the penultimate text layer after ln_final, and token counts [N].
+    def token_states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states [N, L, W] of a text layer after ln_final, and token counts [N].
 
-        Exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual block but the
-        last, with the causal mask, then the final LayerNorm; positions past a caption's length are
-        padding states (kept, as SD 2 keeps them). `blocks` runs that many blocks instead (what
-        bench/shape_sweep compares); None is the penultimate layer.
+        With blocks None, exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual
+        block but the last, with the causal mask, then the final LayerNorm; positions past a caption's
+        length are padding states (kept, as SD 2 keeps them). `blocks` runs that many blocks instead;
+        0 is the token and position embeddings alone (text_encoder.blocks).
         """
         states, lengths = [], []
         for i in range(0, len(captions), self.batch_size):
             tokens = self.tokenize(captions[i : i + self.batch_size])
-            states.append(self._states(tokens.to(self.device), blocks).float().cpu())
+            states.append(self._states(tokens.to(self.device), self.blocks).float().cpu())
             lengths.append(self.lengths(tokens))
         if not states:
             return torch.zeros(0, self.context_length, self.token_width), torch.zeros(0, dtype=torch.long)
@@ -142,14 +152,15 @@ def load_text_encoder(cfg: PipelineConfig) -> ClipEncoder:
     """The conditioning text encoder: text_encoder.arch from its local weights, or the `clip` model when 'same'."""
     te = cfg.text_encoder
     if te.same_as_clip:
-        return load_encoder(cfg)
+        encoder = load_encoder(cfg)
+        return ClipEncoder(encoder.model, encoder.tokenizer, encoder.batch_size, te.blocks)
     weights = str(te.weights)
     # Checked here so the message names the text_encoder fields, not clip.* as load_pretrained's would.
     if not Path(weights.removeprefix("file://")).expanduser().is_file():
         raise StageError(f"text_encoder.weights {weights} is not a local file (weights are never downloaded)")
     if te.arch not in open_clip.list_models():
         raise StageError(f"text_encoder.arch {te.arch!r} is not an open_clip architecture")
-    return ClipEncoder(load_pretrained(str(te.arch), weights))
+    return ClipEncoder(load_pretrained(str(te.arch), weights), blocks=te.blocks)
 
 
 def load_encoder(cfg: PipelineConfig) -> ClipEncoder:

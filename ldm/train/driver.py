@@ -68,6 +68,16 @@ def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> N
             f"train: latents in {latents_url} were made with the text encoder {got_text}, the config names "
             f"{want_text}; rerun the precompute stage"
         )
+    got_blocks, want_blocks = (m.get("text_encoder") or {}).get("blocks"), cfg.text_encoder.blocks
+    if got_blocks != want_blocks:
+        raise StageError(
+            f"train: latents in {latents_url} hold text states after {_layer(got_blocks)}, the config names "
+            f"text_encoder.blocks={want_blocks} ({_layer(want_blocks)}); rerun the precompute stage"
+        )
+
+
+def _layer(blocks: int | None) -> str:
+    return "the penultimate block" if blocks is None else f"{blocks} block(s)"
 
 
 def _norm_text(text_id: str) -> str:

@@ -62,6 +62,7 @@ def export_pipeline(cfg: PipelineConfig, checkpoint_dir: str, out_url: str, late
             "scheduler": ["diffusers", "DDPMScheduler"],
             "text_encoder": ["open_clip", text["arch"]],
             "text_encoder_file": None if text["arch"] == "tiny" else Path(text["path"]).name,
+            "text_encoder_blocks": text.get("blocks"),  # the layer the UNet was conditioned on (None: penultimate)
             "latent_shape": shape,
             "scale_factor": latents["scale_factor"],
             "unet_size": cfg.unet.size,
@@ -94,9 +95,11 @@ def load_text_encoder(model_dir: Path, index: dict):
     from ldm.clip.model import load_pretrained, load_saved
 
     folder = model_dir / "text_encoder"
+    blocks = index.get("text_encoder_blocks")
     if index["text_encoder"][1] == "tiny":
-        return ClipEncoder(load_saved(str(folder)))
-    return ClipEncoder(load_pretrained(index["text_encoder"][1], str(folder / index["text_encoder_file"])))
+        return ClipEncoder(load_saved(str(folder)), blocks=blocks)
+    model = load_pretrained(index["text_encoder"][1], str(folder / index["text_encoder_file"]))
+    return ClipEncoder(model, blocks=blocks)
 
 
 def generate(model: str, prompts: list[str], guidance: float, steps: int, seed: int, out: str) -> list[str]:
