@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ldm.diffusion.guidance import make_sampler, sample, unet_model_fn
 from ldm.diffusion.objective import apply_cfg_dropout, training_losses
 from ldm.train.state import Ema, lr_at
-from ldm.unet.model import UNET_SIZES
+from ldm.unet.model import UNET_SIZES, training_attention
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -60,6 +60,7 @@ def run(c: dict, dev: str, deadline: float) -> None:
     length, text_dim = V["ev"].shape[1], V["ev"].shape[2]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_kwargs(c.get("arch", "tiny"), text_dim, P["latent_shape"])).to(dev)
+    training_attention(unet, torch.device(dev).type)  # as loop.py: plain attention when training on a CPU
     with open(os.path.join(HERE, "scheduler_config.json")) as f:
         sch = json.load(f)
     sch = {k: v for k, v in sch.items() if not k.startswith("_")} | {"prediction_type": c.get("pred", "epsilon")}
