@@ -2,11 +2,14 @@
 attention. The figures behind train.mixed_precision=auto and `ldm.unet.model.training_attention`.
 
 The demo trains with 2 Ray workers of 1 thread each (micro-batch 32), so that shape is measured too.
+--layouts also times that shape's bf16 plain step channels-last and under torch.compile (with its
+compile seconds): the options left out of the demo.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from _common import cpu_name, median_step_s
@@ -14,18 +17,23 @@ from _common import cpu_name, median_step_s
 from ldm.unet.model import build_unet, training_attention
 
 
-def step_time(bs: int, bf16: bool, plain_attention: bool, repeats: int) -> float:
+def step_time(
+    bs: int, bf16: bool, plain_attention: bool, repeats: int, channels_last: bool = False, compiled: bool = False
+) -> float:
     """Median seconds of forward + backward + AdamW step of the tiny UNet on 16x16x4 latents."""
     unet = build_unet("tiny", 4, 16, 128, seed=0)
     if plain_attention:
         training_attention(unet, "cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = unet.to(memory_format=fmt)
+    model = torch.compile(unet) if compiled else unet
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
-    x, t, c = torch.randn(bs, 4, 16, 16), torch.randint(0, 1000, (bs,)), torch.randn(bs, 20, 128)
+    x, t, c = torch.randn(bs, 4, 16, 16).to(memory_format=fmt), torch.randint(0, 1000, (bs,)), torch.randn(bs, 20, 128)
     mask = torch.ones(bs, 20, dtype=torch.bool)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = unet(x, t, encoder_hidden_states=c, encoder_attention_mask=mask).sample
+            out = model(x, t, encoder_hidden_states=c, encoder_attention_mask=mask).sample
         (out.float() - x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
@@ -37,8 +45,21 @@ def main() -> None:
     """Print the four step times side by side for each (threads, batch) shape, with the ratios."""
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--layouts", action="store_true", help="only: bf16 plain eager vs channels-last vs compiled")
     args = p.parse_args()
     print(f"cpu: {cpu_name()}")
+    if args.layouts:
+        torch.set_num_threads(1)
+        eager = step_time(32, True, True, args.repeats)
+        last = step_time(32, True, True, args.repeats, channels_last=True)
+        t0 = time.perf_counter()
+        compiled = step_time(32, True, True, args.repeats, compiled=True)
+        spent = time.perf_counter() - t0 - (args.repeats + 2) * compiled
+        print(
+            f"1 thread, batch 32, bf16 plain: eager {eager:.3f} s, channels-last {last:.3f} s "
+            f"({eager / last:.2f}x), compiled {compiled:.3f} s ({eager / compiled:.2f}x; compiling ~{spent:.0f} s)"
+        )
+        return
     for threads, bs in ((1, 32), (2, 64)):
         torch.set_num_threads(threads)
         kinds = [(bf16, plain) for bf16 in (False, True) for plain in (False, True)]
