@@ -100,7 +100,8 @@ def _sweep(run: StageRun, checkpoint: Path, pipeline_dir: Path, prompts, parent:
               "weights_hash": extractor.weights_hash, "prompts": manifest.digest(prompts.origin),
               "seed": cfg.seed, "batch_size": ev.batch_size,
               "precision": "bf16" if bf16 else "fp32",
-              "judge": judge_key(cfg) if parts.judge is not None else None}  # fmt: skip
+              "judge": judge_key(cfg) if parts.judge is not None else None,
+              "judge_scoring": J.SCORING if parts.judge is not None else None}  # fmt: skip
     rows, keys, logged, skipped = [], {}, 0, 0
     for point in grid_points(ev):
         params = {**point, **common, "model_hash": parts.model_hashes[point["checkpoint"]]}

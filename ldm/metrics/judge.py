@@ -34,6 +34,7 @@ HEADS = {
 }
 JUDGE_START = 20_000_000  # render indices of the judge's training set: apart from held-out prompts
 JUDGE_VERSION = 4  # bump when the labels, the training renders or the network change: cached weights are keyed by it
+SCORING = 2  # bump when accuracy() changes: sweep points are keyed by it, so a rerun does not reuse old scores
 _COLOURS, _BACKGROUNDS, _POS = list(COLOURS), list(BACKGROUNDS), list(POSITIONS.values())
 
 
@@ -175,24 +176,41 @@ def predict(net: JudgeNet, images: np.ndarray, batch_size: int = 256) -> dict[st
 
 
 def accuracy(pred: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict[str, float]:
-    """GenEval-style accuracies: colour and shape per object, position (single) or relation axis (pairs), background.
+    """GenEval-style accuracies: colour and shape per object, position (single) or relation (pairs), background.
 
-    Targets marked IGNORE do not count: pass prompted() labels to score only what the prompts name.
+    A pair is scored as GenEval does, binding apart from relation: the prompt's two objects are matched to
+    the two the judge reads in whichever order agrees on more of their colours and shapes, colour and shape
+    count under that matching, and the relation is right only when its axis is and the matching keeps the
+    prompt's order. "A blue square left of a red circle" drawn for "a red circle left of a blue square"
+    thus gets its colours and shapes right and its relation wrong, not all three wrong. A pair's two
+    objects always differ in colour and in shape, so a tie means the judge could not tell them apart and
+    the relation is not credited. Targets marked IGNORE do not count: pass prompted() labels to score only
+    what the prompts name.
     """
+    pair = targets["colour_b"] != IGNORE
+    attrs = ("colour", "shape")
+    straight = sum((pred[f"{k}_{o}"] == targets[f"{k}_{o}"]).astype(int) for k in attrs for o in "ab")
+    swapped = sum((pred[f"{k}_{o}"] == targets[f"{k}_{p}"]).astype(int) for k in attrs for o, p in ("ab", "ba"))
+    swap = pair & (swapped > straight)
+    matched = dict(pred)
+    for k in attrs:
+        matched[f"{k}_a"] = np.where(swap, pred[f"{k}_b"], pred[f"{k}_a"])
+        matched[f"{k}_b"] = np.where(swap, pred[f"{k}_a"], pred[f"{k}_b"])
+    matched["axis"] = np.where(straight > swapped, pred["axis"], -1)  # never equals a label: not credited
 
-    def mean_over(pairs: list[tuple[str, str]]) -> float:
+    def mean_over(keys: list[str]) -> float:
         hits, n = 0, 0
-        for pk, tk in pairs:
-            valid = targets[tk] != IGNORE
-            hits += int((pred[pk][valid] == targets[tk][valid]).sum())
+        for k in keys:
+            valid = targets[k] != IGNORE
+            hits += int((matched[k][valid] == targets[k][valid]).sum())
             n += int(valid.sum())
         return hits / n if n else float("nan")
 
     return {
-        "colour": mean_over([("colour_a", "colour_a"), ("colour_b", "colour_b")]),
-        "shape": mean_over([("shape_a", "shape_a"), ("shape_b", "shape_b")]),
-        "position": mean_over([("position", "position"), ("axis", "axis")]),
-        "background": mean_over([("background", "background")]),
+        "colour": mean_over(["colour_a", "colour_b"]),
+        "shape": mean_over(["shape_a", "shape_b"]),
+        "position": mean_over(["position", "axis"]),
+        "background": mean_over(["background"]),
     }
 
 
