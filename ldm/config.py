@@ -189,6 +189,9 @@ class VaeConfig(Section):
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     l2_weight: float = Field(0.0, ge=0, description="weight of an L2 term next to L1 in the reconstruction loss")
+    edge_weight: float = Field(
+        0.0, ge=0, description="weight of an L1 on the error's horizontal and vertical pixel differences (edges)"
+    )
     crop: int | None = Field(
         32, ge=8, description="train on random crops of this many px (None or >= resolution: whole images)"
     )

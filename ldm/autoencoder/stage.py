@@ -133,6 +133,7 @@ def _run_train(run: StageRun) -> dict:
             "name": loss,
             "kl_weight": vcfg.kl_weight,
             "l2_weight": vcfg.l2_weight,
+            "edge_weight": vcfg.edge_weight,
             "lpips": lpips_note(vcfg),
         },
         eval={

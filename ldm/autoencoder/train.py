@@ -27,6 +27,8 @@ def loss_name(vae_cfg: VaeConfig) -> str:
     terms = ["l1"]
     if vae_cfg.l2_weight:
         terms.append("l2")
+    if vae_cfg.edge_weight:
+        terms.append("edge")
     if vae_cfg.lpips_vgg and vae_cfg.lpips_weight:
         terms.append("lpips")
     return "+".join([*terms, "kl"])
@@ -56,6 +58,25 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, vae_cfg: VaeConfig) -> torch.Tensor:
+    """Mean L1, + l2_weight * mean L2, + edge_weight * mean L1 of the error's pixel differences along x and y.
+
+    The edge term is a gradient-difference loss: it ignores an error that is the same over a region and
+    charges one that changes across an edge, which is where an L1-trained decoder blurs. On the demo's
+    images (3,000 steps, same seconds) weight 1 lifted PSNR 29.1 -> 29.8 dB and the judge's shape
+    accuracy on reconstructions 0.73 -> 0.82 (docs/QUALITY.md).
+    """
+    err = recon - x
+    rec = err.abs().mean()
+    if vae_cfg.l2_weight:
+        rec = rec + vae_cfg.l2_weight * err.pow(2).mean()
+    if vae_cfg.edge_weight:
+        dx = (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
+        dy = (err[..., 1:, :] - err[..., :-1, :]).abs().mean()
+        rec = rec + vae_cfg.edge_weight * (dx + dy)
+    return rec
+
+
 def _augment(batch: torch.Tensor, gen: torch.Generator, crop: int | None, flip: bool) -> torch.Tensor:
     """uint8 [B,H,W,3] -> float [B,3,c,c] in [-1, 1]: random crops, random horizontal flips, channels-last."""
     if crop:  # the VAE is convolutional, and a crop costs (crop/res)^2 of a full-size step
@@ -78,7 +99,7 @@ def train_vae(
 ) -> tuple[AutoencoderKL, dict[str, list[float]]]:
     """Train a fresh AutoencoderKL on uint8 [N,H,W,3] images; deterministic for a seed. Returns (vae, history).
 
-    Loss per step, on random vae_cfg.crop-px crops: mean L1 (+ l2_weight * mean L2) + kl_weight * KL / pixels.
+    Loss per step, on random vae_cfg.crop-px crops: reconstruction_loss (+ LPIPS) + kl_weight * KL / pixels.
     LDM sums the reconstruction over pixels and adds kl_weight * summed KL; dividing both terms by the
     pixel count keeps that balance (Adam is scale-invariant) while the logged losses stay readable.
     """
@@ -102,10 +123,7 @@ def train_vae(
             group["lr"] = lr
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        err = recon - x
-        rec = err.abs().mean()
-        if vae_cfg.l2_weight:
-            rec = rec + vae_cfg.l2_weight * err.pow(2).mean()
+        rec = reconstruction_loss(recon, x, vae_cfg)
         if lpips is not None:
             rec = rec + vae_cfg.lpips_weight * lpips(recon, x).mean()
         kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it

@@ -91,6 +91,26 @@ def test_training_is_deterministic_for_a_seed():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+def test_edge_term_charges_an_error_that_changes_across_pixels_not_a_uniform_one():
+    """The edge term is the L1 of the error's x and y pixel differences, added at edge_weight.
+
+    Bugs caught: differences of the image instead of the error (a perfect reconstruction of an edge would
+    still pay), a term summed instead of averaged, one axis only, the weight not applied.
+    """
+    from ldm.autoencoder.train import loss_name, reconstruction_loss
+
+    x = torch.zeros(1, 1, 2, 2)
+    x[..., :, 1] = 1.0  # a vertical edge, reconstructed exactly below: no edge cost
+    cfg = VaeConfig(edge_weight=2.0)
+    assert reconstruction_loss(x.clone(), x, cfg).item() == 0.0
+    assert reconstruction_loss(x + 0.5, x, cfg).item() == pytest.approx(0.5)  # uniform error: the L1 only
+    spot = x.clone()
+    spot[0, 0, 0, 0] += 1.0  # one pixel off by 1: L1 0.25; |dx| mean 0.5, |dy| mean 0.5
+    assert reconstruction_loss(spot, x, cfg).item() == pytest.approx(0.25 + 2.0 * (0.5 + 0.5))
+    assert reconstruction_loss(spot, x, VaeConfig()).item() == pytest.approx(0.25)
+    assert loss_name(cfg) == "l1+edge+kl"
+
+
 def test_stage_trains_past_the_untrained_model(trained):
     cfg, m = trained
     metrics = m["metrics"]
