@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # A knob: a setting that changes how fast or where a stage runs, not what it writes. Stages leave knobs
@@ -125,12 +133,19 @@ class TextEncoderConfig(Section):
         "same", description="'same' (or null): the `clip` model (the tiny one train-clip makes); or an open_clip name"
     )
     weights: str | None = Field(None, description="local open_clip checkpoint for a named arch; never downloaded")
-    blocks: int | None = Field(
+    blocks: NonNegativeInt | list[NonNegativeInt] | None = Field(
         None,
-        ge=0,
         description="text transformer blocks run before the final LayerNorm; None: all but the last (SD 2's "
-        "penultimate layer); 0: the token and position embeddings alone",
+        "penultimate layer); 0: the token and position embeddings alone; a list: the states after each of "
+        "those depths side by side along the width (e.g. [0, 3])",
     )
+
+    @field_validator("blocks")
+    @classmethod
+    def _some_depth(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one depth, or null for the penultimate layer")
+        return v
 
     @property
     def same_as_clip(self) -> bool:

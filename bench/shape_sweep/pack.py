@@ -5,7 +5,8 @@ prompts' judge labels, the judge's weights, the VAE's scale factor), text_varian
 states from a chosen text encoder and layer, for the training rows and the held-out prompts), the VAE
 folder, the scheduler config and judgenet.py (the judge's network, so the device needs only torch and
 diffusers). Variants: name=<open_clip folder written by train-clip>:<layers run>, e.g. the demo's own
-CLIP at its penultimate layer (3 of 4), its first layer, or a CLIP trained another way.
+CLIP at its penultimate layer (3 of 4), its first layer, both of 0 and 3 side by side (0+3), or a CLIP
+trained another way.
 
     .venv/bin/python bench/shape_sweep/pack.py --workdir work/demo \
         --variant pen=work/demo/models/clip:3 --variant L1=work/demo/models/clip:1
@@ -62,7 +63,8 @@ def main() -> None:
     for spec in args.variant:
         name, rest = spec.split("=", 1)
         folder, layers = rest.rsplit(":", 1)
-        enc = ClipEncoder(load_saved(folder), blocks=int(layers))
+        depths = [int(d) for d in layers.split("+")]  # "0+3": both layers side by side
+        enc = ClipEncoder(load_saved(folder), blocks=depths[0] if len(depths) == 1 else depths)
         s, n = enc.token_states(caps)
         es, en = enc.token_states(ps.prompts)
         e0, e0n = enc.token_states([""])

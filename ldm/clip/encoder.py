@@ -45,13 +45,11 @@ class ClipEncoder:
         model: CLIP,
         tokenizer: open_clip.SimpleTokenizer | None = None,
         batch_size: int = 256,
-        blocks: int | None = None,
+        blocks: int | Sequence[int] | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
-        layers = len(model.transformer.resblocks)
-        if blocks is not None and not 0 <= blocks <= layers:
-            raise StageError(f"text_encoder.blocks {blocks}: this text transformer has {layers} blocks (0-{layers})")
         self.blocks = blocks
+        self.depths = text_depths(blocks, len(model.transformer.resblocks))
         self.tokenizer = tokenizer or build_tokenizer(model.context_length)
         self.batch_size = batch_size
         pre = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -71,8 +69,8 @@ class ClipEncoder:
 
     @property
     def token_width(self) -> int:
-        """Width of the per-token text states (the text transformer's width)."""
-        return int(self.model.transformer.width)
+        """Width of the per-token text states: the text transformer's, times the layers side by side."""
+        return int(self.model.transformer.width) * len(self.depths)
 
     @property
     def context_length(self) -> int:
@@ -118,29 +116,41 @@ class ClipEncoder:
         With blocks None, exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual
         block but the last, with the causal mask, then the final LayerNorm; positions past a caption's
         length are padding states (kept, as SD 2 keeps them). `blocks` runs that many blocks instead;
-        0 is the token and position embeddings alone (text_encoder.blocks).
+        0 is the token and position embeddings alone; a list puts the states after each of those depths
+        side by side along the width, in its order (text_encoder.blocks).
         """
         states, lengths = [], []
         for i in range(0, len(captions), self.batch_size):
             tokens = self.tokenize(captions[i : i + self.batch_size])
-            states.append(self._states(tokens.to(self.device), self.blocks).float().cpu())
+            states.append(self._states(tokens.to(self.device)).float().cpu())
             lengths.append(self.lengths(tokens))
         if not states:
             return torch.zeros(0, self.context_length, self.token_width), torch.zeros(0, dtype=torch.long)
         return torch.cat(states), torch.cat(lengths)
 
-    def _states(self, tokens: torch.Tensor, blocks: int | None) -> torch.Tensor:
+    def _states(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
         batch_first = getattr(m.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for block in m.transformer.resblocks[:-1] if blocks is None else m.transformer.resblocks[:blocks]:
-            x = block(x, attn_mask=m.attn_mask)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        return m.ln_final(x)
+        at = {0: x}
+        for depth, block in enumerate(m.transformer.resblocks[: max(self.depths)], start=1):
+            x = at[depth] = block(x, attn_mask=m.attn_mask)
+        picked = [at[d] if batch_first else at[d].transpose(0, 1) for d in self.depths]
+        return torch.cat([m.ln_final(h) for h in picked], dim=-1)
+
+
+def text_depths(blocks: int | Sequence[int] | None, layers: int) -> tuple[int, ...]:
+    """The depths (blocks run) whose states token_states returns, side by side: None is the penultimate."""
+    depths = (layers - 1,) if blocks is None else (blocks,) if isinstance(blocks, int) else tuple(blocks)
+    for d in depths:
+        if not 0 <= d <= layers:
+            raise StageError(f"text_encoder.blocks {d}: this text transformer has {layers} blocks (0-{layers})")
+    if not depths:
+        raise StageError("text_encoder.blocks []: name at least one depth")
+    return depths
 
 
 def clip_url(cfg: PipelineConfig) -> str:

@@ -76,7 +76,9 @@ def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> N
         )
 
 
-def _layer(blocks: int | None) -> str:
+def _layer(blocks: int | list[int] | None) -> str:
+    if isinstance(blocks, list):
+        return " and ".join(_layer(b) for b in blocks) + ", side by side"
     return "the penultimate block" if blocks is None else f"{blocks} block(s)"
 
 

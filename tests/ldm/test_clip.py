@@ -164,11 +164,13 @@ def test_token_states_lengths_and_padding(trained):
 
 
 def test_text_encoder_blocks_picks_the_layer_and_reaches_exported_pipelines(trained, tmp_path):
-    """text_encoder.blocks=0 conditions on the token and position embeddings (through ln_final), and
-    an exported pipeline's text encoder uses the layer its model_index names.
+    """text_encoder.blocks=0 conditions on the token and position embeddings (through ln_final), a list
+    puts the named layers side by side, and an exported pipeline's text encoder uses what its
+    model_index names.
 
     Bugs caught: the setting read by precompute but not by generate/evaluate (an exported model
-    then draws from states it never saw), or an off-by-one slice of the blocks.
+    then draws from states it never saw), an off-by-one slice of the blocks, a list's layers in
+    another order or only its last one kept.
     """
     from ldm.clip.encoder import load_text_encoder
     from ldm.train.export import load_text_encoder as load_exported
@@ -185,12 +187,18 @@ def test_text_encoder_blocks_picks_the_layer_and_reaches_exported_pipelines(trai
         x = m.token_embedding(ids) + m.positional_embedding
         _, inter = m.transformer.forward_intermediates(x, attn_mask=m.attn_mask, indices=[m.transformer.layers - 1])
         torch.testing.assert_close(every.token_states(captions)[0], m.ln_final(inter[0]))
-    assert not torch.allclose(hidden, load_encoder(cfg).token_states(captions)[0])  # not the penultimate
+    penultimate = load_encoder(cfg).token_states(captions)[0]
+    assert not torch.allclose(hidden, penultimate)
+    both = load_text_encoder(make_config(cfg.workdir, *FAST, f"text_encoder.blocks=[0,{m.transformer.layers - 1}]"))
+    torch.testing.assert_close(both.token_states(captions)[0], torch.cat([hidden, penultimate], dim=-1))
+    assert both.token_width == 2 * enc.token_width
 
     folder = clip_url(cfg).removeprefix("file://")
     shutil.copytree(folder, tmp_path / "text_encoder")
     index = {"text_encoder": ["open_clip", "tiny"], "text_encoder_file": None, "text_encoder_blocks": 0}
     torch.testing.assert_close(load_exported(tmp_path, index).token_states(captions)[0], hidden)
+    index["text_encoder_blocks"] = [0, m.transformer.layers - 1]  # as JSON reads it back
+    assert load_exported(tmp_path, index).token_width == 2 * enc.token_width
     with pytest.raises(StageError, match=r"text_encoder.blocks 9: this text transformer has \d blocks"):
         load_text_encoder(make_config(cfg.workdir, *FAST, "text_encoder.blocks=9"))
 

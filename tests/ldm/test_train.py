@@ -202,6 +202,7 @@ def test_exact_resume_matches_an_uninterrupted_run(cluster, inputs):
         (["vae.path=/elsewhere/vae"], "were made with the VAE .* the config names /elsewhere/vae"),
         (["clip.arch=ViT-B-32", "clip.weights=/w.pt"], "made with the text encoder tiny:.* names ViT-B-32:/w.pt"),
         (["text_encoder.blocks=0"], "after the penultimate block, the config names text_encoder.blocks=0"),
+        (["text_encoder.blocks=[0,3]"], r"names text_encoder.blocks=\[0, 3\] \(0 block\(s\) and 3 block\(s\), side by"),
     ],
 )
 def test_bad_plans_are_refused_before_any_worker(inputs, overrides, message):
