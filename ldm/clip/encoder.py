@@ -48,7 +48,6 @@ class ClipEncoder:
         blocks: int | Sequence[int] | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
-        self.blocks = blocks
         self.depths = text_depths(blocks, len(model.transformer.resblocks))
         self.tokenizer = tokenizer or build_tokenizer(model.context_length)
         self.batch_size = batch_size
