@@ -67,6 +67,8 @@ def run(c: dict, dev: str, deadline: float) -> None:
     alphas = DDPMScheduler(**sch).alphas_cumprod.to(dev)
     lat = P["lat"].float().to(dev)
     txt, lens = padded(V["flat"], V["lens"], length).to(dev), V["lens"].to(dev)
+    if "rows" in c:  # train on the first `rows` latent rows only: is the UNet short of data or of steps?
+        lat, txt, lens = lat[: c["rows"]], txt[: c["rows"]], lens[: c["rows"]]
     mask = torch.arange(length, device=dev)[None] < lens[:, None]
     empty = V["empty"].float().to(dev)[: V["empty_len"]]
     ema = Ema(unet, c.get("ema", 0.995), 100)
@@ -81,7 +83,11 @@ def run(c: dict, dev: str, deadline: float) -> None:
         idx = perm[pos : pos + bs]
         pos += bs
         text, m, _ = apply_cfg_dropout(txt[idx], mask[idx], empty, 0.1, g)
-        t = torch.randint(0, len(alphas), (bs,), generator=g, device=dev)
+        if c.get("tdist") == "logitnormal":  # SD3's timestep density: more steps mid-to-high noise
+            u = torch.sigmoid(c.get("tmean", 0.0) + c.get("tstd", 1.0) * torch.randn(bs, generator=g, device=dev))
+            t = (u * len(alphas)).long().clamp_(0, len(alphas) - 1)
+        else:
+            t = torch.randint(0, len(alphas), (bs,), generator=g, device=dev)
         noise = torch.randn(lat[idx].shape, generator=g, device=dev)
         with torch.autocast(amp, dtype=torch.bfloat16):
             loss = training_losses(fn, lat[idx], t, text, m, noise, alphas, sch["prediction_type"],
