@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from flows import endpoints, jobs, report
 from flows.registry import STAGES
 from flows.registry import run as run_stage
+from ldm import budget
 from ldm.config import ConfigError, load_config
 from ldm.io import manifest, storage
 from ldm.io.manifest import StageError
@@ -119,6 +120,10 @@ def train_ldm(
     cfg = load_config(profile, overrides, workdir)
     names = select(stages)
     endpoints.check(cfg, names)
+    plan = budget.ensure_plan(cfg)  # a profile with a time budget: fit its training to this CPU, once per workdir
+    if plan is not None:
+        get_run_logger().info(plan["summary"])
+        cfg = load_config(profile, overrides, workdir)
     results = {}
     for name in names:
         results[name] = TASKS[name](name, profile, overrides, workdir, overwrite, allow_partial)

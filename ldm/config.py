@@ -265,6 +265,32 @@ class ComputeConfig(Section):
     )
 
 
+class BudgetConfig(Section):
+    """How long a run may take on this CPU, and how its minutes split on the CPU the profile was sized on.
+
+    Before the first stage `ldm run` times a tiny-UNet training step here (ldm/budget.py) and, where
+    this CPU is too slow to fit `minutes`, scales the step counts named in `scale` by one factor.
+    """
+
+    minutes: float = Field(gt=0, description="the whole run's target, install not included")
+    reference_step_s: float = Field(gt=0, description="the calibration step's seconds on the reference CPU")
+    reference_fixed_minutes: float = Field(ge=0, description="minutes of the run that the factor does not touch")
+    reference_scaled_minutes: float = Field(gt=0, description="minutes spent in the scaled steps, reference CPU")
+    scale: list[str] = Field(min_length=1, description="integer fields scaled down together, e.g. train.steps")
+    min_scale: float = Field(0.25, gt=0, le=1, description="never scale below this; the plan then says it overshoots")
+
+    @field_validator("scale")
+    @classmethod
+    def _known_int_fields(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            section, _, name = key.partition(".")
+            model = PipelineConfig.model_fields.get(section)
+            fields = getattr(model.annotation, "model_fields", {}) if model is not None else {}
+            if name not in fields or fields[name].annotation not in (int, "int", NonNegativeInt):
+                raise ValueError(f"{key!r} is not an integer field of a section (e.g. train.steps)")
+        return keys
+
+
 class PipelineConfig(Section):
     """The whole pipeline: one work directory URL and a section per stage."""
 
@@ -284,6 +310,7 @@ class PipelineConfig(Section):
     unet: UnetConfig = Field(default_factory=lambda: UnetConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
     evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig())
+    budget: BudgetConfig | None = None
 
     @field_validator("workdir")
     @classmethod
@@ -407,6 +434,35 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def get_dotted(cfg: BaseModel, dotted: str) -> Any:
+    """The value at `a.b` of a config model."""
+    node: Any = cfg
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def local_path(workdir: str) -> str | None:
+    """The local folder of a work directory given as a path or file:// URL; None for any other scheme."""
+    if workdir.startswith("file://"):
+        return workdir.removeprefix("file://")
+    return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir) else workdir
+
+
+def _budget_overrides(tree: dict[str, Any]) -> list[str]:
+    """The overrides of the work directory's budget plan (ldm/budget.py), if the profile has a budget and one exists."""
+    root = local_path(str(tree.get("workdir", "work/local")))
+    if not tree.get("budget") or root is None:
+        return []
+    path = Path(root) / "budget.json"
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["overrides"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("budget", f"{path} is not a budget plan ({e}); delete it to calibrate again") from e
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Split one `a.b=c` override; the value is read as YAML so numbers and lists get their types."""
     key, sep, raw = item.partition("=")
@@ -448,6 +504,12 @@ def load_config(profile: str, overrides: list[str] | None = None, workdir: str |
         set_dotted(tree, key, value)
     if workdir is not None:
         tree["workdir"] = workdir
+    # This CPU's budget plan, written once by the flow: the user's overrides still win over it.
+    user_keys = {parse_override(item)[0] for item in overrides or []}
+    for item in _budget_overrides(tree):
+        key, value = parse_override(item)
+        if key not in user_keys:
+            set_dotted(tree, key, value)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
