@@ -66,7 +66,10 @@ def make_plan(cfg: PipelineConfig, step_s: float, cpu: str) -> dict:
     if scale < 1.0:
         for key in budget.scale:
             full = get_dotted(cfg, key)
-            n = max(1, round(full * scale))
+            if key == "train.ema_decay":  # its window, 1 / (1 - decay) steps, shrinks with the run
+                n = round(1 - (1 - full) / scale, 4)
+            else:
+                n = max(0 if full == 0 else 1, round(full * scale))
             overrides.append(f"{key}={n}")
             changes.append(f"{key} {full} -> {n}")
     return {

@@ -276,13 +276,17 @@ class BudgetConfig(Section):
     reference_step_s: float = Field(gt=0, description="the calibration step's seconds on the reference CPU")
     reference_fixed_minutes: float = Field(ge=0, description="minutes of the run that the factor does not touch")
     reference_scaled_minutes: float = Field(gt=0, description="minutes spent in the scaled steps, reference CPU")
-    scale: list[str] = Field(min_length=1, description="integer fields scaled down together, e.g. train.steps")
+    scale: list[str] = Field(
+        min_length=1, description="integer fields scaled down together (e.g. train.steps), or train.ema_decay's window"
+    )
     min_scale: float = Field(0.25, gt=0, le=1, description="never scale below this; the plan then says it overshoots")
 
     @field_validator("scale")
     @classmethod
     def _known_int_fields(cls, keys: list[str]) -> list[str]:
         for key in keys:
+            if key == "train.ema_decay":
+                continue
             section, _, name = key.partition(".")
             model = PipelineConfig.model_fields.get(section)
             fields = getattr(model.annotation, "model_fields", {}) if model is not None else {}

@@ -24,6 +24,11 @@ def test_a_slower_cpu_gets_steps_that_fit_the_budget_counting_the_stages_that_do
     assert f"train.steps={steps}" in plan["overrides"]
     assert any(o.startswith("vae.steps=") for o in plan["overrides"])
     assert "clip.epochs" not in " ".join(plan["overrides"])  # not named in budget.scale
+    # The EMA's window (1 / (1 - decay) steps) shrinks with the run; a decay scaled like a step count
+    # (0.995 x 0.37) would average nothing.
+    decay = next(float(o.split("=")[1]) for o in plan["overrides"] if o.startswith("train.ema_decay="))
+    window = 1 / (1 - cfg.train.ema_decay) * budget.scale_for(b, SLOW_STEP_S)
+    assert 1 / (1 - decay) == pytest.approx(window, rel=0.02)
     assert "train.steps 1400 -> " in plan["summary"]
 
 
