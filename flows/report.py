@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from flows.registry import STAGES, stage
+from ldm import budget
 from ldm.config import PipelineConfig
 from ldm.stage import Workdir
 
@@ -100,4 +101,7 @@ def closing_lines(cfg: PipelineConfig, tracking_uri: str, results: dict[str, Any
         table = summary_text("evaluate", evaluate)
         if table:
             lines += ["", table]
+    plan = budget.read_plan(cfg)
+    if plan is not None and plan["overrides"]:  # the figures above come from a shortened run: say so last
+        lines += ["", plan["summary"]]
     return "\n".join(lines)

@@ -99,6 +99,20 @@ def _summary(budget: BudgetConfig, step_s: float, scale: float, changes: list[st
     return f"{head}: training scaled by {scale:.2f} to fit {budget.minutes:g} minutes: {', '.join(changes)}{tail}"
 
 
+def plan_path(cfg: PipelineConfig) -> Path | None:
+    """Where this work directory's plan lives: None without a budget, on a GPU or off the local disk."""
+    if cfg.budget is None or cfg.compute.use_gpu:
+        return None
+    root = local_path(cfg.workdir)
+    return None if root is None else Path(root) / PLAN
+
+
+def read_plan(cfg: PipelineConfig) -> dict | None:
+    """The work directory's plan if one was made."""
+    path = plan_path(cfg)
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def ensure_plan(
     cfg: PipelineConfig, measure: Callable[[str], float] = calibration_step_s, cpu: str | None = None
 ) -> dict | None:
@@ -106,12 +120,9 @@ def ensure_plan(
 
     Only for local work directories on the CPU (a GPU run or a remote work directory has no CPU budget).
     """
-    if cfg.budget is None or cfg.compute.use_gpu:
+    path = plan_path(cfg)
+    if path is None:
         return None
-    root = local_path(cfg.workdir)
-    if root is None:
-        return None
-    path = Path(root) / PLAN
     if path.is_file():
         return json.loads(path.read_text())
     plan = make_plan(cfg, measure(cfg.train.mixed_precision), cpu or cpu_name())

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from flows.report import closing_lines
 from ldm import budget
 from ldm.config import ConfigError, load_config
 
@@ -54,6 +55,7 @@ def test_the_plan_is_made_once_per_workdir_and_every_later_load_of_it_trains_the
     assert scaled.clip.epochs == cfg.clip.epochs
     again = budget.ensure_plan(scaled, measure=lambda precision: 0.1, cpu="fast cpu")
     assert again == plan
+    assert "train.steps 1400 -> " in closing_lines(scaled, "sqlite:///x.db", {})  # the run's last lines say so
     assert load_config("local", ["train.steps=9"], wd).train.steps == 9  # the user's override still wins
     assert load_config("test", [], wd).train.steps != scaled.train.steps  # a profile without a budget ignores it
 
