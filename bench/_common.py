@@ -3,22 +3,11 @@ script in it runs)."""
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (figures depend on it: AMX, AVX512-BF16)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ldm.budget import cpu_name  # noqa: F401 - the benchmarks name their CPU as the budget does
 
 
 def median_line(name: str, xs: list[float], unit: str, width: int = 28) -> str:

@@ -456,8 +456,8 @@ def local_path(workdir: str) -> str | None:
 def _budget_overrides(tree: dict[str, Any]) -> list[str]:
     """The overrides of the work directory's budget plan (ldm/budget.py), if the profile has a budget and one exists."""
     root = local_path(str(tree.get("workdir", "work/local")))
-    if not tree.get("budget") or root is None:
-        return []
+    if not tree.get("budget") or root is None or (tree.get("compute") or {}).get("use_gpu"):
+        return []  # as ldm.budget.plan_path: no CPU budget without one, off the local disk, or on a GPU
     path = Path(root) / "budget.json"
     if not path.is_file():
         return []

@@ -58,6 +58,7 @@ def test_the_plan_is_made_once_per_workdir_and_every_later_load_of_it_trains_the
     assert "train.steps 1400 -> " in closing_lines(scaled, "sqlite:///x.db", {})  # the run's last lines say so
     assert load_config("local", ["train.steps=9"], wd).train.steps == 9  # the user's override still wins
     assert load_config("test", [], wd).train.steps != scaled.train.steps  # a profile without a budget ignores it
+    assert load_config("local", ["compute.use_gpu=true"], wd).train.steps == 1400  # a GPU run has no CPU budget
 
 
 def test_a_remote_workdir_or_a_gpu_run_has_no_cpu_budget(tmp_path):
