@@ -20,9 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ldm.config import BudgetConfig, PipelineConfig, get_dotted, local_path
-
-PLAN = "budget.json"
+from ldm.config import BUDGET_PLAN as PLAN  # noqa: F401 - the plan file's name, where callers look for it
+from ldm.config import BudgetConfig, PipelineConfig, budget_plan_path, get_dotted
 
 
 def calibration_step_s(mixed_precision: str = "auto") -> float:
@@ -101,10 +100,7 @@ def _summary(budget: BudgetConfig, step_s: float, scale: float, changes: list[st
 
 def plan_path(cfg: PipelineConfig) -> Path | None:
     """Where this work directory's plan lives: None without a budget, on a GPU or off the local disk."""
-    if cfg.budget is None or cfg.compute.use_gpu:
-        return None
-    root = local_path(cfg.workdir)
-    return None if root is None else Path(root) / PLAN
+    return budget_plan_path(cfg.workdir, cfg.budget is not None, cfg.compute.use_gpu)
 
 
 def read_plan(cfg: PipelineConfig) -> dict | None:
@@ -121,10 +117,8 @@ def ensure_plan(
     Only for local work directories on the CPU (a GPU run or a remote work directory has no CPU budget).
     """
     path = plan_path(cfg)
-    if path is None:
-        return None
-    if path.is_file():
-        return json.loads(path.read_text())
+    if path is None or path.is_file():
+        return read_plan(cfg)
     plan = make_plan(cfg, measure(cfg.train.mixed_precision), cpu or cpu_name())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -453,13 +453,20 @@ def local_path(workdir: str) -> str | None:
     return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir) else workdir
 
 
+BUDGET_PLAN = "budget.json"  # a work directory's time-budget plan (ldm/budget.py)
+
+
+def budget_plan_path(workdir: str, has_budget: bool, use_gpu: bool) -> Path | None:
+    """Where a work directory's budget plan lives: None without a budget, on a GPU or off the local disk."""
+    root = local_path(workdir)
+    return None if not has_budget or use_gpu or root is None else Path(root) / BUDGET_PLAN
+
+
 def _budget_overrides(tree: dict[str, Any]) -> list[str]:
     """The overrides of the work directory's budget plan (ldm/budget.py), if the profile has a budget and one exists."""
-    root = local_path(str(tree.get("workdir", "work/local")))
-    if not tree.get("budget") or root is None or (tree.get("compute") or {}).get("use_gpu"):
-        return []  # as ldm.budget.plan_path: no CPU budget without one, off the local disk, or on a GPU
-    path = Path(root) / "budget.json"
-    if not path.is_file():
+    use_gpu = bool((tree.get("compute") or {}).get("use_gpu"))
+    path = budget_plan_path(str(tree.get("workdir", "work/local")), bool(tree.get("budget")), use_gpu)
+    if path is None or not path.is_file():
         return []
     try:
         return list(json.loads(path.read_text())["overrides"])
