@@ -253,3 +253,24 @@ def test_unreadable_shard_is_skipped_and_counted(ingested, tracking, tmp_path):
         m = run_stage("train-vae", cfg, allow_partial=True)
     assert m["skipped_shards"] == 1 and "99999.tar" in m["skipped"][0] and m["partial"] is True
     assert m["train_images"] == 120
+
+
+def test_training_crops_are_random_windows_of_their_own_images():
+    """The local profile trains on 24 px crops of 64 px images (docs/QUALITY.md: more, smaller crops).
+
+    Bugs caught: every crop taken at the same corner (the VAE would never see most of a scene), a crop
+    cut from another image of the batch, or an image resized instead of cropped.
+    """
+    from ldm.autoencoder.train import _augment
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    x = _augment(torch.from_numpy(images), torch.Generator().manual_seed(0), 24, flip=False)
+    assert x.shape == (8, 3, 24, 24)
+    back = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    offsets = set()
+    for k in range(len(images)):
+        windows = {(i, j): images[k, i : i + 24, j : j + 24] for i in range(9) for j in range(9)}
+        found = [ij for ij, w in windows.items() if np.array_equal(w, back[k])]
+        assert len(found) == 1, f"crop {k} is no window of image {k}"
+        offsets.add(found[0])
+    assert len(offsets) > 1, offsets
