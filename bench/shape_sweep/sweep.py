@@ -35,6 +35,8 @@ def unet_kwargs(arch: str, text_dim: int, latent_shape: list[int]) -> dict:
         a.update(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
     elif arch == "wide":
         a.update(block_out_channels=(96, 192), attention_head_dim=(3, 6))
+    elif arch == "nomid":  # no middle block: 18% fewer forward FLOPs
+        a.update(mid_block_type=None)
     elif arch == "deep":
         a.update(layers_per_block=2)
     elif arch == "three":
