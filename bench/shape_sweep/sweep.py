@@ -60,7 +60,7 @@ def run(c: dict, dev: str, deadline: float) -> None:
     P = torch.load(os.path.join(HERE, "pack.pt"))
     V = torch.load(os.path.join(HERE, "text_variants.pt"))[c["text"]]
     length, text_dim = V["ev"].shape[1], V["ev"].shape[2]
-    torch.manual_seed(0)
+    torch.manual_seed(c.get("seed", 0))
     unet = UNet2DConditionModel(**unet_kwargs(c.get("arch", "tiny"), text_dim, P["latent_shape"])).to(dev)
     training_attention(unet, torch.device(dev).type)  # as loop.py: plain attention when training on a CPU
     with open(os.path.join(HERE, "scheduler_config.json")) as f:
@@ -76,7 +76,7 @@ def run(c: dict, dev: str, deadline: float) -> None:
     ema = Ema(unet, c.get("ema", 0.995), 100)
     opt = torch.optim.AdamW(unet.parameters(), lr=c["lr"], weight_decay=0.01)
     fn, bs, steps = unet_model_fn(unet), c.get("bs", 64), c["steps"]
-    g = torch.Generator(device=dev).manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(c.get("seed", 0))  # init and batches; the samples keep seed 0
     n, pos, perm = lat.shape[0], 0, None
     t0, amp = time.time(), torch.device(dev).type
     for step in range(steps):
