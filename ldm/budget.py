@@ -20,7 +20,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ldm.config import BUDGET_PLAN as PLAN  # noqa: F401 - the plan file's name, where callers look for it
 from ldm.config import BudgetConfig, PipelineConfig, budget_plan_path, get_dotted
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from flows.report import closing_lines
 from ldm import budget
-from ldm.config import ConfigError, load_config
+from ldm.config import BUDGET_PLAN, ConfigError, load_config
 
 # The local profile's reference CPU takes 0.236 s per calibration step; 0.44 s was measured on a slower
 # AMD EPYC of the same name (2026-12-06), where the unscaled demo took 31.6 minutes.
@@ -49,7 +49,7 @@ def test_the_plan_is_made_once_per_workdir_and_every_later_load_of_it_trains_the
     wd = str(tmp_path / "w")
     cfg = load_config("local", [], wd)
     plan = budget.ensure_plan(cfg, measure=lambda precision: SLOW_STEP_S, cpu="slow cpu")
-    assert json.loads((tmp_path / "w" / budget.PLAN).read_text()) == plan
+    assert json.loads((tmp_path / "w" / BUDGET_PLAN).read_text()) == plan
     scaled = load_config("local", [], wd)
     assert scaled.train.steps == round(1400 * budget.scale_for(cfg.budget, SLOW_STEP_S)) < 1400
     assert scaled.clip.epochs == cfg.clip.epochs
@@ -65,7 +65,7 @@ def test_a_remote_workdir_or_a_gpu_run_has_no_cpu_budget(tmp_path):
     assert budget.ensure_plan(load_config("local", [], "s3://bucket/w"), measure=lambda p: 9.0) is None
     cfg = load_config("local", ["compute.use_gpu=true"], str(tmp_path))
     assert budget.ensure_plan(cfg, measure=lambda p: 9.0) is None
-    assert not (tmp_path / budget.PLAN).exists()
+    assert not (tmp_path / BUDGET_PLAN).exists()
 
 
 def test_a_budget_naming_a_field_that_is_not_an_integer_step_count_is_refused_at_load():
@@ -76,6 +76,6 @@ def test_a_budget_naming_a_field_that_is_not_an_integer_step_count_is_refused_at
 
 
 def test_a_corrupt_plan_file_is_a_one_line_error_naming_it(tmp_path):
-    (tmp_path / budget.PLAN).write_text("{not json")
+    (tmp_path / BUDGET_PLAN).write_text("{not json")
     with pytest.raises(ConfigError, match="budget.json"):
         load_config("local", [], str(tmp_path))
