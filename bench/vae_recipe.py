@@ -3,7 +3,8 @@
 Trains the embedded default's VAE on a finished demo's filtered images with `vae.*` overrides, then
 reports its PSNR on the 256 held-out renders train-vae uses and the evaluate stage's judge on 600
 held-out prompts' renders and their reconstructions: the ceiling of what any UNet on these latents can
-draw. The judge comes from the work directory's cache (a finished evaluate stage left it there).
+draw. The judge comes from the work directory's cache (a finished evaluate stage left it there; else
+it is trained and cached).
 One JSON line per run, also appended to --log if given.
 
     PYTHONPATH=. .venv/bin/python bench/vae_recipe.py --workdir work/local NAME steps=1115 crop=24 batch_size=28
@@ -40,17 +41,18 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("vae", nargs="*", help="vae.* overrides without the prefix, e.g. steps=1115 crop=24")
     args = ap.parse_args()
-    base = ["budget=null", *args.set]
-    cfg = load_config("local", [*base, *(f"vae.{s}" for s in args.vae)], workdir=args.workdir)
+    overrides = ["budget=null", f"evaluate.prompt_count={PROMPTS}", *args.set, *(f"vae.{s}" for s in args.vae)]
+    cfg = load_config("local", overrides, workdir=args.workdir)
     res = cfg.ingest.resolution
     data = load_image_set(f"file://{Path(args.workdir).resolve()}/filtered/shards", res)
     t0 = time.time()
     vae, _ = train_vae(data.images, cfg.vae, cfg.seed, progress=False)
     train_s = time.time() - t0
     held = heldout_set(cfg.source, 256, res)
-    # The evaluate stage's own judge and prompts, at 600 prompts (the demo's 150 read +-0.04).
+    # The evaluate stage's own prompts, 600 of them (the demo's 150 read +-0.04), and the demo's own judge:
+    # the judge's identity includes the seed, so a --set seed=N would otherwise train another one.
     judge_cfg = load_config("local", ["budget=null"], workdir=args.workdir)
-    prompts = prompt_set(load_config("local", [*base, f"evaluate.prompt_count={PROMPTS}"], workdir=args.workdir))
+    prompts = prompt_set(cfg)
     rows = [J.prompted(s) for s in prompts.specs]
     targets = {k: np.array([r[k] for r in rows]) for k in J.HEADS}
     parts = SimpleNamespace(vae=vae, judge=judge_for(judge_cfg))
