@@ -1,5 +1,6 @@
-"""Tiny UNet training step time on this CPU: fp32 vs bf16 autocast, torch's SDPA vs diffusers' plain
+"""A CPU UNet's training step time on this CPU: fp32 vs bf16 autocast, torch's SDPA vs diffusers' plain
 attention. The figures behind train.mixed_precision=auto and `ldm.unet.model.training_attention`.
+`--size micro` for the local profile's UNet (default: tiny, the budget's calibration step).
 
 The demo trains with 2 Ray workers of 1 thread each (micro-batch 32), so that shape is measured too.
 --layouts also times that shape's bf16 plain step channels-last and under torch.compile (with its
@@ -18,10 +19,16 @@ from ldm.unet.model import build_unet, training_attention
 
 
 def step_time(
-    bs: int, bf16: bool, plain_attention: bool, repeats: int, channels_last: bool = False, compiled: bool = False
+    bs: int,
+    bf16: bool,
+    plain_attention: bool,
+    repeats: int,
+    channels_last: bool = False,
+    compiled: bool = False,
+    size: str = "tiny",
 ) -> float:
-    """Median seconds of forward + backward + AdamW step of the tiny UNet on 16x16x4 latents."""
-    unet = build_unet("tiny", 4, 16, 128, seed=0)
+    """Median seconds of forward + backward + AdamW step of a UNet size on 16x16x4 latents."""
+    unet = build_unet(size, 4, 16, 128, seed=0)
     if plain_attention:
         training_attention(unet, "cpu")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -46,14 +53,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--layouts", action="store_true", help="only: bf16 plain eager vs channels-last vs compiled")
+    p.add_argument("--size", default="tiny", help="a CPU size of ldm.unet.UNET_SIZES")
     args = p.parse_args()
-    print(f"cpu: {cpu_name()}")
+    print(f"cpu: {cpu_name()}, {args.size} UNet")
     if args.layouts:
         torch.set_num_threads(1)
-        eager = step_time(32, True, True, args.repeats)
-        last = step_time(32, True, True, args.repeats, channels_last=True)
+        eager = step_time(32, True, True, args.repeats, size=args.size)
+        last = step_time(32, True, True, args.repeats, channels_last=True, size=args.size)
         t0 = time.perf_counter()
-        compiled = step_time(32, True, True, args.repeats, compiled=True)
+        compiled = step_time(32, True, True, args.repeats, compiled=True, size=args.size)
         spent = time.perf_counter() - t0 - (args.repeats + 2) * compiled
         print(
             f"1 thread, batch 32, bf16 plain: eager {eager:.3f} s, channels-last {last:.3f} s "
@@ -63,7 +71,7 @@ def main() -> None:
     for threads, bs in ((1, 32), (2, 64)):
         torch.set_num_threads(threads)
         kinds = [(bf16, plain) for bf16 in (False, True) for plain in (False, True)]
-        t = {k: step_time(bs, *k, args.repeats) for k in kinds}
+        t = {k: step_time(bs, *k, args.repeats, size=args.size) for k in kinds}
         print(
             f"{threads} thread(s), batch {bs}: fp32 sdpa {t[False, False]:.3f} s, fp32 plain {t[False, True]:.3f} s, "
             f"bf16 sdpa {t[True, False]:.3f} s, bf16 plain {t[True, True]:.3f} s; "

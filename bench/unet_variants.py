@@ -1,4 +1,4 @@
-"""The tiny UNet's training step against variants of it, side by side in one process, in the train stage's shape.
+"""The tiny UNet's training step against variants of it and micro, side by side, in the train stage's shape.
 
 One Ray worker of the demo: 1 thread, micro-batch 32, 16x16x4 latents, text states [20, 128], bf16
 autocast, plain attention (the budget's calibration step, ldm/calibrate.py). Alternating repeats,
@@ -21,6 +21,7 @@ from ldm.unet.model import UNET_SIZES, build_unet, training_attention
 VARIANTS = {
     "tiny": {},
     "no middle block": {"mid_block_type": None},
+    "micro": UNET_SIZES["micro"],  # the local profile's size: every width halved
 }
 
 

@@ -556,7 +556,7 @@ class DiffusionConfig(Section):
 class UnetConfig(Section):
     """The denoising UNet: a named size from ldm.unet.UNET_SIZES."""
 
-    size: Literal["tiny", "small", "sd2-base"] = "tiny"
+    size: Literal["micro", "tiny", "small", "sd2-base"] = "tiny"
     cross_attention_dim: int | None = Field(
         None, ge=1, description="None: the text encoder's width, read from the latents (SD 2 base: ViT-H's 1024)"
     )

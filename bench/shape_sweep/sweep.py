@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 from judgenet import HEADS, JudgeNet, accuracy  # noqa: E402 - written by pack.py beside this file
 
 
-def unet_kwargs(arch: str, text_dim: int, latent_shape: list[int]) -> dict:
+def unet_kwargs(arch: str, text_dim: int, latent_shape: list[int], ch: list[int] | None = None) -> dict:
     """`tiny` and variants of it at about the same cost (attention at 16x16 too, wider, deeper, three levels)."""
     a = dict(UNET_SIZES["small" if arch == "small" else "tiny"])
     if arch == "attn16":
@@ -44,6 +44,10 @@ def unet_kwargs(arch: str, text_dim: int, latent_shape: list[int]) -> dict:
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
     a.pop("default_cross_attention_dim")
+    if ch:  # narrower levels ("micro": [32, 64]): 32-wide heads, fewer norm groups below 64 channels
+        groups = 8 if min(ch) < 32 else 16 if min(ch) < 64 else 32
+        a.update(block_out_channels=tuple(ch), attention_head_dim=tuple(max(1, w // 32) for w in ch),
+                 norm_num_groups=groups)  # fmt: skip
     c, h, _ = latent_shape
     return dict(a, in_channels=c, out_channels=c, sample_size=h, cross_attention_dim=text_dim)
 
@@ -61,7 +65,7 @@ def run(c: dict, dev: str, deadline: float) -> None:
     V = torch.load(os.path.join(HERE, "text_variants.pt"))[c["text"]]
     length, text_dim = V["ev"].shape[1], V["ev"].shape[2]
     torch.manual_seed(c.get("seed", 0))
-    unet = UNet2DConditionModel(**unet_kwargs(c.get("arch", "tiny"), text_dim, P["latent_shape"])).to(dev)
+    unet = UNet2DConditionModel(**unet_kwargs(c.get("arch", "tiny"), text_dim, P["latent_shape"], c.get("ch"))).to(dev)
     training_attention(unet, torch.device(dev).type)  # as loop.py: plain attention when training on a CPU
     with open(os.path.join(HERE, "scheduler_config.json")) as f:
         sch = json.load(f)
@@ -73,7 +77,7 @@ def run(c: dict, dev: str, deadline: float) -> None:
         lat, txt, lens = lat[: c["rows"]], txt[: c["rows"]], lens[: c["rows"]]
     mask = torch.arange(length, device=dev)[None] < lens[:, None]
     empty = V["empty"].float().to(dev)[: V["empty_len"]]
-    ema = Ema(unet, c.get("ema", 0.995), 100)
+    ema = Ema(unet, c.get("ema", 0.995), c.get("ema_warmup", 100))
     opt = torch.optim.AdamW(unet.parameters(), lr=c["lr"], weight_decay=0.01)
     fn, bs, steps = unet_model_fn(unet), c.get("bs", 64), c["steps"]
     g = torch.Generator(device=dev).manual_seed(c.get("seed", 0))  # init and batches; the samples keep seed 0

@@ -22,7 +22,7 @@ def test_registry_matches_the_config_literal():
     assert set(UNET_SIZES) == set(UnetConfig.model_fields["size"].annotation.__args__)
 
 
-@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("size", ["micro", "tiny", "small"])
 def test_cpu_sizes_build_and_keep_the_latent_shape(size):
     unet = build_unet(size, 4, 16, 128, seed=0)
     z, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 128)
