@@ -30,7 +30,7 @@ def test_a_slower_cpu_gets_steps_that_fit_the_budget_counting_the_stages_that_do
     decay = next(float(o.split("=")[1]) for o in plan["overrides"] if o.startswith("train.ema_decay="))
     window = 1 / (1 - cfg.train.ema_decay) * budget.scale_for(b, SLOW_STEP_S)
     assert 1 / (1 - decay) == pytest.approx(window, rel=0.02)
-    assert "train.steps 1400 -> " in plan["summary"]
+    assert f"train.steps {cfg.train.steps} -> {steps}" in plan["summary"]
 
 
 def test_a_cpu_as_fast_as_the_reference_trains_the_profile_unchanged_and_a_very_slow_one_says_it_overshoots():
@@ -51,14 +51,15 @@ def test_the_plan_is_made_once_per_workdir_and_every_later_load_of_it_trains_the
     plan = budget.ensure_plan(cfg, measure=lambda precision: SLOW_STEP_S, cpu="slow cpu")
     assert json.loads((tmp_path / "w" / BUDGET_PLAN).read_text()) == plan
     scaled = load_config("local", [], wd)
-    assert scaled.train.steps == round(1400 * budget.scale_for(cfg.budget, SLOW_STEP_S)) < 1400
+    full = cfg.train.steps
+    assert scaled.train.steps == round(full * budget.scale_for(cfg.budget, SLOW_STEP_S)) < full
     assert scaled.clip.epochs == cfg.clip.epochs
     again = budget.ensure_plan(scaled, measure=lambda precision: 0.1, cpu="fast cpu")
     assert again == plan
-    assert "train.steps 1400 -> " in closing_lines(scaled, "sqlite:///x.db", {})  # the run's last lines say so
+    assert f"train.steps {full} -> " in closing_lines(scaled, "sqlite:///x.db", {})  # the run's last lines say so
     assert load_config("local", ["train.steps=9"], wd).train.steps == 9  # the user's override still wins
     assert load_config("test", [], wd).train.steps != scaled.train.steps  # a profile without a budget ignores it
-    assert load_config("local", ["compute.use_gpu=true"], wd).train.steps == 1400  # a GPU run has no CPU budget
+    assert load_config("local", ["compute.use_gpu=true"], wd).train.steps == full  # a GPU run has no CPU budget
 
 
 def test_a_remote_workdir_or_a_gpu_run_has_no_cpu_budget(tmp_path):
