@@ -230,15 +230,19 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompts)
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            print(f"ldm: error: --prompts-file {args.prompts_file}: {e.strerror}", file=sys.stderr)
+            return 2
     if not prompts:
         print("ldm: error: give prompts or --prompts-file", file=sys.stderr)
         return 2
     export = importlib.import_module("ldm.train.export")
     try:
         paths = export.generate(args.model, prompts, args.guidance, args.steps, args.seed, args.out)
-    except StageError as e:
+    except (StageError, OSError) as e:  # OSError: --out where no folder can be made
         print(f"ldm: error: {e}", file=sys.stderr)
         return 1
     print("\n".join(paths))

@@ -111,6 +111,7 @@ def generate(model: str, prompts: list[str], guidance: float, steps: int, seed: 
     if not (root / INDEX).is_file():
         raise StageError(f"generate: {root} has no {INDEX}; pass the pipeline/ folder a train run exported")
     index = json.loads((root / INDEX).read_text())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # before the sampling, not after it
     unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
     scheduler = make_sampler("ddim", DDPMScheduler.from_pretrained(root / "scheduler").config)

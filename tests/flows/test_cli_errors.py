@@ -194,3 +194,11 @@ def test_the_console_script_exits_1_on_a_stage_error_and_2_on_a_config_error(tmp
     )  # fmt: skip
     assert config.returncode == 2 and one_line(config.stderr).startswith("ldm: config error: ingest.threads: ")
     assert not w.exists()
+
+
+def test_generate_with_a_missing_prompts_file_names_the_file(tmp_path, capsys):
+    # Bug caught: open() raising through the CLI as a traceback (it did).
+    missing = tmp_path / "prompts.txt"
+    code = main(["generate", "--model", str(tmp_path), "--prompts-file", str(missing)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and str(missing) in line and "No such file" in line

@@ -157,7 +157,7 @@ def test_two_nodes_ddp_restart_after_kill_and_export(cluster, inputs, tmp_path):
     pipeline = run_dir / "pipeline"
     unet = UNet2DConditionModel.from_pretrained(pipeline / "unet")
     assert unet.config.cross_attention_dim == TEXT_DIM and unet.config.sample_size == SHAPE[1]
-    out = tmp_path / "x.png"
+    out = tmp_path / "samples" / "x.png"  # a folder not made yet (it used to fail after the sampling)
     assert main(["generate", "--model", str(pipeline), "a red circle", "--steps", "2", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
 
