@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 # diffusers' `attention_head_dim` is really the number of heads (diffusers issue 2011): widths / heads
 # gives 64-wide heads in SD 2 and 32-wide heads in the CPU sizes.
 UNET_SIZES: dict[str, dict[str, Any]] = {
-    # The embedded default's: tiny at half the width (2.65x cheaper per training step on a CPU), which
+    # The embedded default's: tiny at half the widths (a training step 2.56x cheaper on a CPU), which
     # learns more in the demo's minutes than tiny does in the same (docs/QUALITY.md). Groups of 2 and 4
     # channels, and 32-wide heads as in tiny: two at 8x8, the one level with attention.
     "micro": {
