@@ -11,32 +11,25 @@ from diffusers import UNet2DConditionModel
 # UNet2DConditionModel kwargs per size, minus what the data decides (channels, latent size, text width).
 # diffusers' `attention_head_dim` is really the number of heads (diffusers issue 2011): widths / heads
 # gives 64-wide heads in SD 2 and 32-wide heads in the CPU sizes.
+# CPU training of 16x16x4 latents: attention only at 8x8 (the cross-attention level and the mid block),
+# where 64 tokens keep it cheap; 32 groups divide both widths.
+_TINY: dict[str, Any] = {
+    "block_out_channels": (64, 128),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 1,
+    "attention_head_dim": (2, 4),
+    "norm_num_groups": 32,
+    "use_linear_projection": True,
+    "default_cross_attention_dim": 128,
+}
+
 UNET_SIZES: dict[str, dict[str, Any]] = {
     # The embedded default's: tiny at half the widths (a training step 2.56x cheaper on a CPU), which
     # learns more in the demo's minutes than tiny does in the same (docs/QUALITY.md). Groups of 2 and 4
     # channels, and 32-wide heads as in tiny: two at 8x8, the one level with attention.
-    "micro": {
-        "block_out_channels": (32, 64),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 1,
-        "attention_head_dim": (1, 2),
-        "norm_num_groups": 16,
-        "use_linear_projection": True,
-        "default_cross_attention_dim": 128,
-    },
-    # CPU training of 16x16x4 latents: attention only at 8x8 (the cross-attention level and the mid
-    # block), where 64 tokens keep it cheap; 32 groups divide both widths.
-    "tiny": {
-        "block_out_channels": (64, 128),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 1,
-        "attention_head_dim": (2, 4),
-        "norm_num_groups": 32,
-        "use_linear_projection": True,
-        "default_cross_attention_dim": 128,
-    },
+    "micro": {**_TINY, "block_out_channels": (32, 64), "attention_head_dim": (1, 2), "norm_num_groups": 16},
+    "tiny": _TINY,
     # Three levels (16, 8, 4 for 16x16 latents), cross-attention at the lower two, SD's two
     # resnets per level.
     "small": {
