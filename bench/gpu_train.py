@@ -14,7 +14,8 @@ NVL parts 835, H100 PCIe 756, A100 312 (vendor datasheets, dense); --peak-tflops
 Anchor: MosaicML trained SD 2 base at 256 px at 137 images/s per A100 (their SD2-base-for-under-$50k
 run); goal here >= 45% MFU. Runs in about 2 minutes on an H100 or H200 (most of it building the model):
 
-    python bench/gpu_train.py [--batch 64] [--steps 20] [--repeats 3] [--compile] [--peak-tflops 989]
+    python bench/gpu_train.py [--batch 64] [--steps 20] [--repeats 3] [--compile [--compile-mode max-autotune]]
+        [--channels-last] [--fused-adam] [--peak-tflops 989]
 
 Smoke run on a CPU (tiny UNet, meaningless figures): python bench/gpu_train.py --cpu
 """
@@ -89,14 +90,19 @@ def measure(a, device: str, batch: int) -> dict:
     if a.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     params = sum(p.numel() for p in unet.parameters())
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
+    if a.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    # fused: one kernel for every parameter's update instead of a loop of small ones (CUDA and CPU builds have it)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01, fused=a.fused_adam or None)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(batch, 4, a.latent, a.latent, device=device, generator=g)
+    if a.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
     text = torch.randn(batch, a.text_len, a.text_dim, device=device, generator=g)
     mask = None if a.no_mask else torch.ones(batch, a.text_len, dtype=torch.bool, device=device)
     amp = not a.fp32
     flops = forward_flops(unet, x0, text, mask, device, amp)
-    model = torch.compile(unet) if a.compile else unet
+    model = torch.compile(unet, mode=a.compile_mode) if a.compile else unet
     step = make_step(model, opt, device, amp)
     t0 = time.perf_counter()
     for _ in range(a.warmup):
@@ -130,6 +136,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed windows")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (train.compile)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune (CUDA graphs)")
+    p.add_argument("--channels-last", action="store_true", help="UNet and latents in channels_last memory format")
+    p.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-mask", action="store_true", help="no text attention mask (the loop passes one)")
     p.add_argument("--fp32", action="store_true", help="no autocast")
@@ -160,11 +169,14 @@ def main() -> None:
     images_s = batch / step_s
     achieved = 3 * r["flops"] / step_s
     peak = a.peak_tflops or (peak_tflops(name) if device == "cuda" else None)
+    mode = a.compile_mode or "default"
     print(f"device: {name}; torch {torch.__version__}; command: {' '.join([sys.executable, *sys.argv])}")
     print(
         f"unet {a.size} ({r['params'] / 1e6:.1f}M params), latents {a.latent}x{a.latent}x4, text {a.text_len}x"
         f"{a.text_dim}{' unmasked' if a.no_mask else ''}, batch {batch}, {'fp32' if a.fp32 else 'bf16 autocast'}"
-        f"{', compiled' if a.compile else ''}{', grad checkpointing' if a.grad_checkpointing else ''}"
+        f"{f', compiled ({mode})' if a.compile else ''}"
+        f"{', channels_last' if a.channels_last else ''}{', fused AdamW' if a.fused_adam else ''}"
+        f"{', grad checkpointing' if a.grad_checkpointing else ''}"
     )
     print(
         f"forward {r['flops'] / batch / 1e9:.1f} GFLOP per image; warm-up {a.warmup} steps {r['warm_s']:.1f} s; "
