@@ -46,7 +46,10 @@ THROUGHPUTS = (
         when={"unet.size": "sd2-base", "ingest.resolution": 256},
         images_per_s=137.0,
         gpu="A100",
-        source="external anchor, not measured here: MosaicML's SD2-base at 256 px, 137 images/s per A100 (issue 10)",
+        source=(
+            "external anchor, not measured here: MosaicML's SD2-base at 256 px, 137 images/s per A100 "
+            "(their SD2-base-for-under-$50k run)"
+        ),
     ),
 )
 # Why a GPU stage has no figure: where docs/PERFORMANCE.md stands on it.

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 # UNet2DConditionModel kwargs per size, minus what the data decides (channels, latent size, text width).
-# diffusers' `attention_head_dim` is really the number of heads (diffusers issue 2011): widths / heads
+# diffusers' `attention_head_dim` is really the number of heads (huggingface/diffusers#2011): widths / heads
 # gives 64-wide heads in SD 2 and 32-wide heads in the CPU sizes.
 # CPU training of 16x16x4 latents: attention only at 8x8 (the cross-attention level and the mid block),
 # where 64 tokens keep it cheap; 32 groups divide both widths.
