@@ -1,6 +1,6 @@
 """A CPU UNet's training step time on this CPU: fp32 vs bf16 autocast, torch's SDPA vs diffusers' plain
 attention. The figures behind train.mixed_precision=auto and `ldm.unet.model.training_attention`.
-`--size micro` for the local profile's UNet (default: tiny, the budget's calibration step).
+`--size micro` for the local profile's UNet (default: tiny).
 
 The demo trains with 2 Ray workers of 1 thread each (micro-batch 32), so that shape is measured too.
 --layouts also times that shape's bf16 plain step channels-last and under torch.compile (with its

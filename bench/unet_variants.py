@@ -1,7 +1,7 @@
 """The tiny UNet's training step against variants of it and micro, side by side, in the train stage's shape.
 
 One Ray worker of the demo: 1 thread, micro-batch 32, 16x16x4 latents, text states [20, 128], bf16
-autocast, plain attention (the budget's calibration step, ldm/calibrate.py). Alternating repeats,
+autocast, plain attention, as the training loop runs it. Alternating repeats,
 medians, and the ratio tiny / variant (> 1: the variant is faster). The harness in bench/shape_sweep
 times one process of 2 threads instead, which flatters some variants (docs/QUALITY.md).
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 
 import yaml
 
 from flows.plan import plan
 from flows.registry import STAGES, run
+from ldm import budget
 from ldm.config import ConfigError, PipelineConfig, load_config, parse_override, set_dotted, to_yaml
 from ldm.io.manifest import StageError, root_cause
 from ldm.io.storage import StorageError
 from ldm.stage import Workdir
+
+STARTED = time.time()  # `ldm run`'s clock: a time budget counts from here
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -159,7 +163,8 @@ def _run_flow(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if not args.debug:
         _quiet_prefect_tracebacks()
     try:
-        results = train_ldm(args.profile, args.overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
+        overrides = args.overrides + budget.clock(cfg, STARTED)  # the budget counts from this command's first line
+        results = train_ldm(args.profile, overrides, args.workdir, args.stages, args.overwrite, args.allow_partial)
     except ConfigError as e:
         print(f"ldm: config error: {e}", file=sys.stderr)
         return 2
@@ -210,6 +215,8 @@ def _resume(args: argparse.Namespace) -> int:
         recorded = yaml.safe_load(driver.resume_config(Workdir.of(base).url, args.resume))
         recorded["workdir"] = base.workdir
         recorded["train"]["stop_at_step"] = None
+        if recorded.get("budget"):  # the run's count is in its checkpoint; a stale clock would mean nothing
+            recorded["budget"]["deadline"] = None
         for item in args.overrides:
             key, value = parse_override(item)
             set_dotted(recorded, key, value)

@@ -7,6 +7,7 @@ stages run there as Ray jobs (flows.jobs); without one, everything runs in this 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -120,10 +121,13 @@ def train_ldm(
     cfg = load_config(profile, overrides, workdir)
     names = select(stages)
     endpoints.check(cfg, names)
-    plan = budget.ensure_plan(cfg)  # a profile with a time budget: fit its training to this CPU, once per workdir
-    if plan is not None:
-        get_run_logger().info(plan["summary"])
+    clock = budget.clock(cfg, time.time())  # a time budget: the training stages share what is left of it
+    if clock:
+        overrides += clock
         cfg = load_config(profile, overrides, workdir)
+    if cfg.budget is not None and cfg.budget.deadline is not None:
+        until = time.strftime("%H:%M:%S", time.localtime(cfg.budget.deadline))
+        get_run_logger().info(f"budget: {cfg.budget.minutes:g} minutes, until {until}")
     results = {}
     for name in names:
         results[name] = TASKS[name](name, profile, overrides, workdir, overwrite, allow_partial)

@@ -101,7 +101,7 @@ def closing_lines(cfg: PipelineConfig, tracking_uri: str, results: dict[str, Any
         table = summary_text("evaluate", evaluate)
         if table:
             lines += ["", table]
-    plan = budget.read_plan(cfg)
-    if plan is not None and plan["overrides"]:  # the figures above come from a shortened run: say so last
-        lines += ["", plan["summary"]]
+    shortened = [budget.summary(name, (m or {}).get("budget")) for name, m in results.items()]
+    if any(shortened):  # the figures above come from a shortened run: say so last
+        lines += ["", *(line for line in shortened if line)]
     return "\n".join(lines)

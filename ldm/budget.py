@@ -1,134 +1,156 @@
-"""Fit a profile's training to its time budget on this CPU: calibrate once, scale the step counts, remember.
+"""The time budget: each training stage times its own steps where it runs and trains as many as fit.
 
-CPUs of the same name differ by about 2x here: the same `make demo` took 16.9 minutes on one AMD EPYC
-2-core machine and 31.6 on another (every stage 1.6-1.9x slower, a one-thread UNet step 0.236 s vs
-0.44 s). A profile with a `budget` section says how long its run may take and how its minutes split on
-the CPU it was sized on; before the first stage the flow times a few training steps of the tiny UNet
-here, and where this CPU is slower than that one by more than the budget's slack it scales the named
-step counts (the training stages' minutes) down by one factor, so the whole run still fits. The plan
-is written to `<workdir>/budget.json` once and read back by every later load of that work directory
-(`ldm.config.load_config`), so reruns, single stages and resumed runs see the same config; delete
-the file to calibrate again. Nothing changes on a CPU as fast as the reference or faster.
+CPUs of one name differ about 2x here, and not in one ratio: a one-process proxy step (the tiny UNet,
+one thread) read 1.40x the reference on an Intel Xeon whose two-worker DDP train stage ran as slowly as
+on an AMD EPYC that read 1.79x. So nothing is predicted from a proxy. A stage named in `budget.stages`
+(train-vae, train) times a few steps of its real configuration (workers, threads, precision, model
+size) on a throwaway copy of its state, then fixes its step count from its seconds:
+
+- run alone (`ldm stage`), a stage gets `seconds`;
+- in a flow (`ldm run` sets `budget.deadline`), it gets its share of what is left before the deadline
+  once `after_s` is kept for the later work that no budget sizes; a stage that ends early leaves its
+  seconds to the ones after it, and so does one that hits its configured step count.
+
+A count never exceeds the configured steps nor falls below `min_scale` of them. The count, the step
+time and the seconds are recorded in `<workdir>/budget.json` under the stage's config hash as soon as
+they are known, and in the stage's manifest and MLflow run: a rerun or a resumed run of the same
+config reuses the count without timing anything, so it trains exactly what the first one did.
+Warm-up and the EMA's window shrink with the count (`scaled_train`), as a run configured with that
+many steps would have them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import math
+import time
 from collections.abc import Callable
-from pathlib import Path
 
-from ldm.config import BudgetConfig, PipelineConfig, budget_plan_path, get_dotted
+from ldm.config import BUDGETED_STAGES, BudgetConfig, PipelineConfig, TrainConfig
+from ldm.io import storage
+
+BUDGET_FILE = "budget.json"  # a work directory's recorded step counts: {stage: {config hash: record}}
+PROBE_WARMUP = 3  # timed steps left out: allocation, oneDNN's kernel choice, gloo's first all-reduce
+PROBE_STEPS = 12  # then timed: ~3-5 s a stage on these CPUs
 
 
-def calibration_step_s(mixed_precision: str = "auto") -> float:
-    """Median seconds of one tiny-UNet training step on this CPU (ldm/calibrate.py), timed in a fresh process.
+def applies(cfg: PipelineConfig, stage: str) -> bool:
+    """Whether `stage` sizes its steps to a budget here: a budget naming it, on the CPU."""
+    return cfg.budget is not None and stage in cfg.budget.stages and not cfg.compute.use_gpu
 
-    A process of its own: the flow's process never loads torch, and its threads do not share the core.
+
+def clock(cfg: PipelineConfig, started: float) -> list[str]:
+    """The override that starts a flow's clock at `started` (Unix time), where a budget applies and none runs yet."""
+    b = cfg.budget
+    if b is None or b.deadline is not None or cfg.compute.use_gpu:
+        return []
+    return [f"budget.deadline={started + b.minutes * 60:.1f}"]
+
+
+def allowance_s(budget: BudgetConfig, stage: str, now: float) -> float:
+    """Seconds for `stage`'s training steps: its share of the time left before the deadline, or its own seconds."""
+    own = budget.stages[stage]
+    if budget.deadline is None:
+        return own.seconds
+    later = [s for s in BUDGETED_STAGES[BUDGETED_STAGES.index(stage) :] if s in budget.stages]
+    weight = own.seconds / sum(budget.stages[s].seconds for s in later)
+    return max(0.0, (budget.deadline - now - own.after_s) * weight)
+
+
+def steps_for(seconds: float, step_s: float, full: int, min_scale: float) -> int:
+    """How many steps of step_s fit in seconds: at most `full`, at least min_scale of it."""
+    floor = max(1, math.ceil(full * min_scale))
+    return max(floor, min(full, int(seconds / step_s)))
+
+
+def time_steps(step: Callable[[], None], steps: int = PROBE_STEPS, warmup: int = PROBE_WARMUP,
+               clock: Callable[[], float] = time.perf_counter) -> float:  # fmt: skip
+    """Mean seconds of `steps` calls of step, after `warmup` calls left out.
+
+    A mean, not a median: the stage pays for its slow steps too.
     """
-    out = subprocess.run(
-        [sys.executable, "-m", "ldm.calibrate", mixed_precision], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"budget: the calibration step failed: {tail}")
-    return float(out.stdout.strip().splitlines()[-1])
+    for _ in range(warmup):
+        step()
+    t0 = clock()
+    for _ in range(steps):
+        step()
+    return (clock() - t0) / steps
 
 
-def scale_for(budget: BudgetConfig, step_s: float) -> float:
-    """The factor for the scaled step counts that fits the run in budget.minutes on a CPU taking step_s.
-
-    Every stage is taken to slow down like the calibration step: on the reference CPU the run takes
-    fixed + scaled minutes, here (fixed + s * scaled) * slowdown. 1 where it fits unscaled; never below
-    budget.min_scale (the run then overshoots, and the plan says so).
-    """
-    slowdown = step_s / budget.reference_step_s
-    s = (budget.minutes / slowdown - budget.reference_fixed_minutes) / budget.reference_scaled_minutes
-    return max(budget.min_scale, min(1.0, s))
-
-
-def predicted_minutes(budget: BudgetConfig, step_s: float, scale: float) -> float:
-    """The run's minutes on a CPU taking step_s with the scaled step counts multiplied by scale."""
-    slowdown = step_s / budget.reference_step_s
-    return (budget.reference_fixed_minutes + scale * budget.reference_scaled_minutes) * slowdown
-
-
-def make_plan(cfg: PipelineConfig, step_s: float, cpu: str) -> dict:
-    """The plan for this CPU: its measurements, the factor, and the `a.b=N` overrides it implies."""
-    budget = cfg.budget
-    assert budget is not None
-    scale = scale_for(budget, step_s)
-    overrides, changes = [], []
-    if scale < 1.0:
-        for key in budget.scale:
-            full = get_dotted(cfg, key)
-            if key == "train.ema_decay":  # its window, 1 / (1 - decay) steps, shrinks with the run
-                n = round(1 - (1 - full) / scale, 4)
-            else:
-                n = max(0 if full == 0 else 1, round(full * scale))
-            overrides.append(f"{key}={n}")
-            changes.append(f"{key} {full} -> {n}")
+def decide(budget: BudgetConfig, stage: str, full: int, step_s: float, now: float) -> dict:
+    """The record of one stage's count: steps, the configured steps, the measured step time and the seconds."""
+    seconds = allowance_s(budget, stage, now)
+    steps = steps_for(seconds, step_s, full, budget.min_scale)
     return {
-        "cpu": cpu,
-        "calibration_step_s": round(step_s, 4),
-        "reference_step_s": budget.reference_step_s,
-        "slowdown": round(step_s / budget.reference_step_s, 3),
-        "budget_minutes": budget.minutes,
-        "scale": round(scale, 3),
-        "predicted_minutes": round(predicted_minutes(budget, step_s, scale), 1),
-        "overrides": overrides,
-        "summary": _summary(budget, step_s, scale, changes, cpu),
+        "steps": steps,
+        "full_steps": full,
+        "step_s": round(step_s, 5),
+        "seconds": round(seconds, 1),
+        "predicted_s": round(steps * step_s, 1),
+        "cpu": cpu_name(),
     }
 
 
-def _summary(budget: BudgetConfig, step_s: float, scale: float, changes: list[str], cpu: str) -> str:
-    slowdown = step_s / budget.reference_step_s
-    head = (
-        f"budget: {cpu} takes {step_s:.3f} s per calibration step, {slowdown:.2f}x the profile's reference "
-        f"({budget.reference_step_s} s)"
-    )
-    if scale >= 1.0:
-        return f"{head}: the profile fits its {budget.minutes:g} minutes as it is"
-    tail = f" (predicted {predicted_minutes(budget, step_s, scale):.1f} min)"
-    if scale <= budget.min_scale and predicted_minutes(budget, step_s, scale) > budget.minutes:
-        tail += f": over the budget of {budget.minutes:g} even at the floor budget.min_scale={budget.min_scale}"
-    return f"{head}: training scaled by {scale:.2f} to fit {budget.minutes:g} minutes: {', '.join(changes)}{tail}"
+def _file(cfg: PipelineConfig) -> str:
+    return storage.join(storage.normalize(cfg.workdir), BUDGET_FILE)
 
 
-def plan_path(cfg: PipelineConfig) -> Path | None:
-    """Where this work directory's plan lives: None without a budget, on a GPU or off the local disk."""
-    return budget_plan_path(cfg.workdir, cfg.budget is not None, cfg.compute.use_gpu)
+def recall(cfg: PipelineConfig, stage: str, config_hash: str) -> dict | None:
+    """The count recorded for this stage and config, if a run of it was ever sized."""
+    url = _file(cfg)
+    if not storage.exists(url):
+        return None
+    return (storage.read_json(url).get(stage) or {}).get(config_hash)
 
 
-def read_plan(cfg: PipelineConfig) -> dict | None:
-    """The work directory's plan if one was made."""
-    path = plan_path(cfg)
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+def remember(cfg: PipelineConfig, stage: str, config_hash: str, record: dict) -> None:
+    """Record a stage's count under its config hash (written whole, never half)."""
+    url = _file(cfg)
+    known = storage.read_json(url) if storage.exists(url) else {}
+    known.setdefault(stage, {})[config_hash] = record
+    storage.write_json_atomic(url, known)
 
 
-def ensure_plan(
-    cfg: PipelineConfig, measure: Callable[[str], float] = calibration_step_s, cpu: str | None = None
-) -> dict | None:
-    """The work directory's plan: read if it exists, else calibrated now and written. None without a budget.
+def sized(cfg: PipelineConfig, stage: str, config_hash: str, full: int, measure: Callable[[], float],
+          now: Callable[[], float] = time.time) -> dict | None:  # fmt: skip
+    """This stage's count here: recalled, or measured now and recorded; None where no budget applies."""
+    if not applies(cfg, stage):
+        return None
+    record = recall(cfg, stage, config_hash)
+    if record is not None:
+        return {**record, "reused": True}
+    assert cfg.budget is not None
+    record = decide(cfg.budget, stage, full, measure(), now())
+    remember(cfg, stage, config_hash, record)
+    return record
 
-    Only for local work directories on the CPU (a GPU run or a remote work directory has no CPU budget).
+
+def scaled_train(tc: TrainConfig, steps: int) -> TrainConfig:
+    """The train section as a run of `steps` steps has it: warm-up and the EMA's window shrink in proportion.
+
+    The EMA's window is 1 / (1 - decay) steps; a decay scaled like a step count would average nothing.
     """
-    path = plan_path(cfg)
-    if path is None or path.is_file():
-        return read_plan(cfg)
-    plan = make_plan(cfg, measure(cfg.train.mixed_precision), cpu or cpu_name())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    os.replace(tmp, path)  # never half-written: a later load_config reads it
-    return plan
+    if steps >= tc.steps:
+        return tc
+    ratio = steps / tc.steps
+    warmup = max(1, round(tc.warmup_steps * ratio)) if tc.warmup_steps else 0
+    decay = round(1 - (1 - tc.ema_decay) / ratio, 4) if tc.ema_decay else 0.0
+    return tc.model_copy(update={"steps": steps, "warmup_steps": warmup, "ema_decay": max(0.0, decay)})
+
+
+def summary(stage: str, record: dict | None) -> str | None:
+    """One line on a stage's count where the budget shortened it; None where it trained its configured steps."""
+    if not record or record["steps"] >= record["full_steps"]:
+        return None
+    return (
+        f"budget: {stage} trained {record['steps']:,} of {record['full_steps']:,} steps: {record['step_s']:.3f} s a "
+        f"step measured on {record['cpu']}, {record['seconds']:.0f} s left to its steps"
+    )
 
 
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo, or the platform's word for it."""
     import platform
+    from pathlib import Path
 
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

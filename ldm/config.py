@@ -265,34 +265,37 @@ class ComputeConfig(Section):
     )
 
 
-class BudgetConfig(Section):
-    """How long a run may take on this CPU, and how its minutes split on the CPU the profile was sized on.
+BUDGETED_STAGES = ("train-vae", "train")  # the stages that size their own step counts to a time budget, in flow order
 
-    Before the first stage `ldm run` times a tiny-UNet training step here (ldm/budget.py) and, where
-    this CPU is too slow to fit `minutes`, scales the step counts named in `scale` by one factor.
+
+class StageBudget(Section):
+    """One training stage's part of a time budget (ldm/budget.py)."""
+
+    seconds: float = Field(
+        gt=0, description="its training steps' seconds when it runs alone; in a flow, its weight in the time left"
+    )
+    after_s: float = Field(
+        ge=0, description="seconds kept, when it starts, for the flow's work after its steps that no budget sizes"
+    )
+
+
+class BudgetConfig(Section):
+    """How long a flow may take on this CPU, and how its training stages share the time (ldm/budget.py).
+
+    Each stage in `stages` times a few of its own training steps where it runs (workers, threads,
+    precision) and trains as many as its seconds allow, never more than its configured steps.
     """
 
-    minutes: float = Field(gt=0, description="the whole run's target, install not included")
-    reference_step_s: float = Field(gt=0, description="the calibration step's seconds on the reference CPU")
-    reference_fixed_minutes: float = Field(ge=0, description="minutes of the run that the factor does not touch")
-    reference_scaled_minutes: float = Field(gt=0, description="minutes spent in the scaled steps, reference CPU")
-    scale: list[str] = Field(
-        min_length=1, description="integer fields scaled down together (e.g. train.steps), or train.ema_decay's window"
+    minutes: float = Field(
+        gt=0, description="the whole flow, first line of `ldm run` to its last, install not included"
     )
-    min_scale: float = Field(0.25, gt=0, le=1, description="never scale below this; the plan then says it overshoots")
-
-    @field_validator("scale")
-    @classmethod
-    def _known_int_fields(cls, keys: list[str]) -> list[str]:
-        for key in keys:
-            if key == "train.ema_decay":
-                continue
-            section, _, name = key.partition(".")
-            model = PipelineConfig.model_fields.get(section)
-            fields = getattr(model.annotation, "model_fields", {}) if model is not None else {}
-            if name not in fields or fields[name].annotation not in (int, "int", NonNegativeInt):
-                raise ValueError(f"{key!r} is not an integer field of a section (e.g. train.steps)")
-        return keys
+    stages: dict[Literal["train-vae", "train"], StageBudget] = Field(min_length=1)
+    min_scale: float = Field(
+        0.25, gt=0, le=1, description="never fewer than this fraction of the configured steps (the run then overshoots)"
+    )
+    deadline: float | None = Field(
+        None, description="set by the flow: the Unix time it should end by; None = each stage gets its `seconds`"
+    )
 
 
 class PipelineConfig(Section):
@@ -438,42 +441,6 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def get_dotted(cfg: BaseModel, dotted: str) -> Any:
-    """The value at `a.b` of a config model."""
-    node: Any = cfg
-    for k in dotted.split("."):
-        node = getattr(node, k)
-    return node
-
-
-def local_path(workdir: str) -> str | None:
-    """The local folder of a work directory given as a path or file:// URL; None for any other scheme."""
-    if workdir.startswith("file://"):
-        return workdir.removeprefix("file://")
-    return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir) else workdir
-
-
-BUDGET_PLAN = "budget.json"  # a work directory's time-budget plan (ldm/budget.py)
-
-
-def budget_plan_path(workdir: str, has_budget: bool, use_gpu: bool) -> Path | None:
-    """Where a work directory's budget plan lives: None without a budget, on a GPU or off the local disk."""
-    root = local_path(workdir)
-    return None if not has_budget or use_gpu or root is None else Path(root) / BUDGET_PLAN
-
-
-def _budget_overrides(tree: dict[str, Any]) -> list[str]:
-    """The overrides of the work directory's budget plan (ldm/budget.py), if the profile has a budget and one exists."""
-    use_gpu = bool((tree.get("compute") or {}).get("use_gpu"))
-    path = budget_plan_path(str(tree.get("workdir", "work/local")), bool(tree.get("budget")), use_gpu)
-    if path is None or not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text())["overrides"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError("budget", f"{path} is not a budget plan ({e}); delete it to calibrate again") from e
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """Split one `a.b=c` override; the value is read as YAML so numbers and lists get their types."""
     key, sep, raw = item.partition("=")
@@ -515,12 +482,6 @@ def load_config(profile: str, overrides: list[str] | None = None, workdir: str |
         set_dotted(tree, key, value)
     if workdir is not None:
         tree["workdir"] = workdir
-    # This CPU's budget plan, written once by the flow: the user's overrides still win over it.
-    user_keys = {parse_override(item)[0] for item in overrides or []}
-    for item in _budget_overrides(tree):
-        key, value = parse_override(item)
-        if key not in user_keys:
-            set_dotted(tree, key, value)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm import budget
 from ldm.autoencoder.model import build_vae, load_vae_folder, local_path, weights_file
 from ldm.autoencoder.train import (
     latent_scale_factor,
@@ -15,6 +16,7 @@ from ldm.autoencoder.train import (
     psnr,
     psnr_per_image,
     reconstruction_grid,
+    step_seconds,
     train_vae,
 )
 from ldm.io import storage
@@ -83,6 +85,11 @@ def _run_train(run: StageRun) -> dict:
     if len(data) == 0:
         raise StageError(f"no readable samples in {shards_url} ({len(data.skipped)} shards skipped)")
     run.begin()
+    sized = budget.sized(cfg, STAGE, run.config_hash, vcfg.steps, lambda: step_seconds(data.images, vcfg, cfg.seed))
+    if sized is not None:  # this CPU's count for the seconds it has: the run is one of that many steps
+        vcfg = vcfg.model_copy(update={"steps": sized["steps"]})
+        print(f"train-vae: {sized['steps']:,} of {sized['full_steps']:,} steps ({sized['step_s']:.3f} s a step, "
+              f"{sized['seconds']:.0f} s){' as recorded' if sized.get('reused') else ''}")  # fmt: skip
     heldout = heldout_set(cfg.source, HELDOUT_N, res) if cfg.source.kind == "synthetic" else None
     eval_images = heldout.images if heldout is not None else data.images[:HELDOUT_N]
     good = np.array([(m.get("rating") or 0) >= GOOD_RATING for m in heldout.meta]) if heldout is not None else None
@@ -94,6 +101,7 @@ def _run_train(run: StageRun) -> dict:
         "train_images": len(data),
         "loss": loss,
         "eval_set": "heldout" if heldout is not None else "train_sample",
+        "budget": sized,
     }
     with mlflow_run(cfg, STAGE, params) as mlflow:
         untrained = psnr_per_image(build_vae(vcfg, res, cfg.seed), eval_images)  # train_vae starts from these weights
@@ -144,6 +152,8 @@ def _run_train(run: StageRun) -> dict:
         metrics={k: v if k == "scale_factor" else round(v, 4) for k, v in metrics.items()},
         latent_shape=[vcfg.latent_channels, res // f, res // f],
         train_images=len(data),
+        steps=vcfg.steps,
+        budget=sized,
         skipped_shards=len(data.skipped),
         skipped=data.skipped,
         files=[*files, "reconstructions.png"],
@@ -164,8 +174,9 @@ def summary(m: dict) -> str:
     if "pretrained" in m:
         return f"train-vae: pretrained VAE {m['pretrained']['path']} (scale factor {m['scale_factor']})"
     mt = m["metrics"]
+    steps = m.get("steps", m["config"]["vae"]["steps"])
     lines = [
-        f"train-vae: {m['train_images']} images, {m['config']['vae']['steps']} steps in {mt['train_seconds']:.0f} s, "
+        f"train-vae: {m['train_images']} images, {steps} steps in {mt['train_seconds']:.0f} s, "
         f"loss {m['loss']['name']}, {m['skipped_shards']} shards skipped",
         f"  PSNR ({m['eval']['set']}): {mt['psnr_untrained']:.2f} dB untrained -> {mt['psnr']:.2f} dB trained"
         + (f"; rating>={GOOD_RATING:g}: {mt['psnr_rating_ge5']:.2f} dB" if "psnr_rating_ge5" in mt else ""),

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ldm.autoencoder.lpips import LPIPS
 from ldm.autoencoder.model import build_vae
+from ldm.budget import time_steps
 from ldm.config import VaeConfig
 from ldm.io import storage
 
@@ -89,6 +90,49 @@ def _augment(batch: torch.Tensor, gen: torch.Generator, crop: int | None, flip: 
     return x.contiguous(memory_format=torch.channels_last)  # measured ~10% faster convolutions on CPU
 
 
+class _Setup:
+    """A fresh VAE, its optimizer and everything a step draws from: built the same way for a run and a probe."""
+
+    def __init__(self, images: np.ndarray, vae_cfg: VaeConfig, seed: int, flip: bool):
+        if len(images) == 0:
+            raise ValueError("no images to train on")
+        res = images.shape[1]
+        self.cfg, self.flip = vae_cfg, flip
+        self.crop = vae_cfg.crop if vae_cfg.crop and vae_cfg.crop < res else None
+        self.vae = build_vae(vae_cfg, res, seed).to(memory_format=torch.channels_last).train()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.data = torch.from_numpy(np.ascontiguousarray(images))  # stays uint8: 4x less memory than float
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=vae_cfg.lr, weight_decay=0.0)
+        self.pixels = 3 * (self.crop or res) ** 2
+        use_lpips = vae_cfg.lpips_vgg and vae_cfg.lpips_weight
+        self.lpips = LPIPS(vae_cfg.lpips_vgg, vae_cfg.lpips_lin) if use_lpips else None
+        self.batches = _batches(len(images), vae_cfg.batch_size, self.gen)
+
+    def step(self, lr: float) -> tuple[float, float, float]:
+        """One optimizer step on the next batch at learning rate lr; returns (loss, rec, kl)."""
+        vcfg = self.cfg
+        x = _augment(self.data[next(self.batches)], self.gen, self.crop, self.flip)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=self.gen)).sample
+        rec = reconstruction_loss(recon, x, vcfg)
+        if self.lpips is not None:
+            rec = rec + vcfg.lpips_weight * self.lpips(recon, x).mean()
+        kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it
+        loss = rec + vcfg.kl_weight * kl / self.pixels
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item(), rec.item(), kl.item()
+
+
+def step_seconds(images: np.ndarray, vae_cfg: VaeConfig, seed: int, *, flip: bool = True) -> float:
+    """Mean seconds of one training step of this config on these images, timed on a throwaway VAE (the budget)."""
+    probe = _Setup(images, vae_cfg, seed, flip)
+    return time_steps(lambda: probe.step(vae_cfg.lr))
+
+
 def train_vae(
     images: np.ndarray,
     vae_cfg: VaeConfig,
@@ -103,39 +147,17 @@ def train_vae(
     LDM sums the reconstruction over pixels and adds kl_weight * summed KL; dividing both terms by the
     pixel count keeps that balance (Adam is scale-invariant) while the logged losses stay readable.
     """
-    if len(images) == 0:
-        raise ValueError("no images to train on")
-    n, res = len(images), images.shape[1]
-    crop = vae_cfg.crop if vae_cfg.crop and vae_cfg.crop < res else None
-    vae = build_vae(vae_cfg, res, seed).to(memory_format=torch.channels_last).train()
-    gen = torch.Generator().manual_seed(seed)
-    data = torch.from_numpy(np.ascontiguousarray(images))  # stays uint8: 4x less memory than float
-    opt = torch.optim.AdamW(vae.parameters(), lr=vae_cfg.lr, weight_decay=0.0)
-    pixels = 3 * (crop or res) ** 2
-    lpips = LPIPS(vae_cfg.lpips_vgg, vae_cfg.lpips_lin) if vae_cfg.lpips_vgg and vae_cfg.lpips_weight else None
+    run = _Setup(images, vae_cfg, seed, flip)
     history: dict[str, list[float]] = {"loss": [], "rec": [], "kl": [], "lr": []}
     bar = tqdm(range(vae_cfg.steps), desc="train-vae", unit="step", disable=not progress, dynamic_ncols=True)
-    batches = _batches(n, vae_cfg.batch_size, gen)
     for step in bar:
-        x = _augment(data[next(batches)], gen, crop, flip)
         lr = _lr_at(step, vae_cfg.steps, vae_cfg.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        rec = reconstruction_loss(recon, x, vae_cfg)
-        if lpips is not None:
-            rec = rec + vae_cfg.lpips_weight * lpips(recon, x).mean()
-        kl = posterior.kl().mean()  # summed over latent dims, as LDM logs it
-        loss = rec + vae_cfg.kl_weight * kl / pixels
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for key, value in (("loss", loss.item()), ("rec", rec.item()), ("kl", kl.item()), ("lr", lr)):
+        loss, rec, kl = run.step(lr)
+        for key, value in (("loss", loss), ("rec", rec), ("kl", kl), ("lr", lr)):
             history[key].append(value)
         if step % 10 == 0 or step == vae_cfg.steps - 1:
-            bar.set_postfix(rec=f"{history['rec'][-1]:.4f}", kl=f"{history['kl'][-1]:.0f}")
-    vae.eval()
+            bar.set_postfix(rec=f"{rec:.4f}", kl=f"{kl:.0f}")
+    vae = run.vae.eval()
     return vae.to(memory_format=torch.contiguous_format), history
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ldm import budget
 from ldm.config import PipelineConfig, to_yaml
 from ldm.io import storage
 from ldm.io.latents import latent_dataset
@@ -153,10 +154,15 @@ def train_stage(run: StageRun) -> dict:
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     from ray.data import ExecutionOptions
 
+    sized = None  # the budget: a count recorded for this config, or the workers time their steps and fix one
+    if budget.applies(cfg, "train"):
+        record = budget.recall(cfg, "train", run.config_hash)
+        sized = {"record": record} if record is not None else {"config_hash": run.config_hash}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": worker_config(cfg), "latents": latents, "run_dir": run.out,
-                           "mlflow_run_id": mlflow_id, "sampler": _sampler_inputs(cfg, m, vae_url)},
+                           "mlflow_run_id": mlflow_id, "sampler": _sampler_inputs(cfg, m, vae_url),
+                           "budget": sized},
         scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu),
         run_config=RunConfig(
             name=tc.run_id, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -175,15 +181,16 @@ def train_stage(run: StageRun) -> dict:
         raise StageError(f"train: run {tc.run_id} reported no checkpoint; rerun it with --overwrite")
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
-        if meta["step"] < tc.steps:
+        total = (meta.get("budget") or {}).get("steps", tc.steps)
+        if meta["step"] < total:
             raise Stopped(
-                f"train: run {tc.run_id} stopped at step {meta['step']} of {tc.steps} (train.stop_at_step); "
+                f"train: run {tc.run_id} stopped at step {meta['step']} of {total} (train.stop_at_step); "
                 f"continue with `ldm stage train --resume {tc.run_id}`"
             )
         pipeline_url = storage.join(run.out, "pipeline")
         export_pipeline(cfg, d, pipeline_url, latents, vae_url)
     return {
-        "run_id": tc.run_id, "steps": meta["step"], "skipped_steps": meta["skipped"],
+        "run_id": tc.run_id, "steps": meta["step"], "skipped_steps": meta["skipped"], "budget": meta.get("budget"),
         "checkpoint": _as_url(result.checkpoint.path, wd.url), "pipeline": pipeline_url, "mlflow_run_id": mlflow_id,
         "latents": {"config_hash": m["config_hash"], "rows": m["rows"]},
         "timings": {"total_s": round(time.time() - t0, 2)},

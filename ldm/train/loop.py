@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -18,13 +19,14 @@ import ray.train
 import ray.train.torch
 import torch
 
+from ldm import budget
 from ldm.config import PipelineConfig
 from ldm.devices import autocast_dtype
 from ldm.diffusion.guidance import unet_model_fn
 from ldm.diffusion.objective import apply_cfg_dropout, training_losses
 from ldm.diffusion.schedule import make_noise_scheduler
 from ldm.io.latents import collate, empty_prompt
-from ldm.train.state import Ema, load_state, lr_at, save_state
+from ldm.train.state import Ema, load_state, lr_at, read_meta, save_state
 from ldm.unet.model import build_unet, training_attention
 
 
@@ -99,6 +101,14 @@ def train_loop(config: dict[str, Any]) -> None:
     device = "cuda" if cfg.compute.use_gpu else "cpu"
     amp = autocast_dtype(tc.mixed_precision, device)
     shape, text_dim = latents["latent_shape"], latents["text_dim"]
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted worker group or a resumed run: its count, never timed again
+        with ckpt.as_directory() as d:
+            sized = read_meta(d).get("budget")
+    else:
+        sized = (config.get("budget") or {}).get("record")
+    if sized is not None:
+        tc = budget.scaled_train(tc, sized["steps"])
     unet = build_unet(cfg.unet.size, shape[0], shape[1], text_dim, seed=cfg.seed)
     training_attention(unet, device)
     if tc.grad_checkpointing:
@@ -107,9 +117,8 @@ def train_loop(config: dict[str, Any]) -> None:
     unet.to(ray.train.torch.get_device())
     ema = Ema(unet, tc.ema_decay, tc.ema_warmup)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "nonfinite_run": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted worker group or a resumed run
+    meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped": 0, "nonfinite_run": 0, "budget": sized}
+    if ckpt is not None:
         with ckpt.as_directory() as d:
             meta = load_state(d, unet, ema, opt)
         ema.shadow = {n: v.to(ray.train.torch.get_device()) for n, v in ema.shadow.items()}
@@ -125,7 +134,57 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.get_dataset_shard("train"), micro, cfg.seed, rank, tc.shuffle_buffer,
         meta["epoch"], meta["batch_in_epoch"],
     )  # fmt: skip
+
+    def forward_backward(rows: dict[str, np.ndarray], step: int, i: int) -> float:
+        """Micro-batch i of optimizer step `step`: loss and gradients; returns the loss."""
+        batch = {k: v.to(device) for k, v in collate(rows, shape, text_dim).items()}
+        g = torch.Generator(device=device).manual_seed(_step_seed(cfg.seed, step, rank, i))
+        text, mask, _ = apply_cfg_dropout(batch["text"], batch["mask"], empty, tc.cfg_dropout, g)
+        x0 = batch["latents"]
+        t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = world == 1 or i == tc.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = training_losses(
+                    fn, x0, t, text, mask, noise, alphas, cfg.diffusion.prediction_type,
+                    cfg.diffusion.snr_gamma, cfg.diffusion.offset_noise, g,
+                ).mean()  # fmt: skip
+            (loss / tc.grad_accum).backward()
+        return float(loss.detach())
+
+    if ckpt is None and sized is None and config.get("budget"):
+        # This CPU's step count, from steps timed here on a throwaway copy of the state: the run then
+        # starts from the untouched initial weights, exactly as one configured with that count.
+        first = next(data)
+        data = itertools.chain([first], data)
+        initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+        def probe() -> None:
+            opt.zero_grad(set_to_none=True)
+            for i in range(tc.grad_accum):
+                forward_backward(first[2], 0, i)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip or float("inf"))
+            opt.step()
+            ema.update(unet, 1)
+
+        step_s, now = budget.time_steps(probe), time.time()
+        if world > 1:  # one count for every rank: the slowest rank's step, the latest clock
+            both = torch.tensor([step_s, now], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+            step_s, now = both.tolist()
+        sized = budget.decide(cfg.budget, "train", tc.steps, step_s, now)
+        if rank == 0:
+            budget.remember(cfg, "train", config["budget"]["config_hash"], sized)
+        tc = budget.scaled_train(tc, sized["steps"])
+        unet.load_state_dict(initial)
+        opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        ema = Ema(unet, tc.ema_decay, tc.ema_warmup)
+        meta["budget"] = sized
     tracker = _Tracker(cfg, config, rank) if rank == 0 else None
+    if tracker is not None and sized is not None and ckpt is None:
+        tracker.mlflow.log_params({f"budget.{k}": v for k, v in sized.items()})
     last = tc.steps if tc.stop_at_step is None else min(tc.steps, tc.stop_at_step)
     step, t_window, wait_window, losses = meta["step"], time.perf_counter(), 0.0, []
     try:
@@ -136,22 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 epoch, pos, rows = next(data)
                 wait_window += time.perf_counter() - t0
-                batch = {k: v.to(device) for k, v in collate(rows, shape, text_dim).items()}
-                g = torch.Generator(device=device).manual_seed(_step_seed(cfg.seed, step, rank, i))
-                text, mask, _ = apply_cfg_dropout(batch["text"], batch["mask"], empty, tc.cfg_dropout, g)
-                x0 = batch["latents"]
-                t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],), generator=g, device=device)
-                noise = torch.randn(x0.shape, generator=g, device=device)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                sync = world == 1 or i == tc.grad_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss = training_losses(
-                            fn, x0, t, text, mask, noise, alphas, cfg.diffusion.prediction_type,
-                            cfg.diffusion.snr_gamma, cfg.diffusion.offset_noise, g,
-                        ).mean()  # fmt: skip
-                    (loss / tc.grad_accum).backward()
-                loss_sum += float(loss.detach()) / tc.grad_accum
+                loss_sum += forward_backward(rows, step, i) / tc.grad_accum
                 keys.extend(str(k) for k in rows["key"])
             lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule)
             for group in opt.param_groups:

@@ -180,6 +180,30 @@ def test_stage_skips_when_up_to_date_and_refuses_another_config(trained, capsys)
         load_vae(other)
 
 
+def test_a_budgeted_vae_trains_its_timed_count_and_a_rerun_of_the_config_reuses_it(trained, tmp_path):
+    """A budget too short for 150 steps gets the floor (30); the output lost, the stage runs again with
+    seconds for all 150 and still trains 30.
+
+    Bugs caught: the count not applied to the training (150 steps run), not recorded in the manifest, or
+    timed again on a rerun of the same config (another model from the same config).
+    """
+    from ldm.budget import BUDGET_FILE
+
+    cfg, _ = trained
+    workdir = tmp_path / "w"
+    shutil.copytree(Path(storage.normalize(cfg.workdir).removeprefix("file://")) / "filtered", workdir / "filtered")
+    tight = "budget={minutes: 1, min_scale: 0.2, stages: {train-vae: {seconds: 0.001, after_s: 0}}}"
+    m = run_stage("train-vae", make_config(workdir, *SMALL, tight, f"tracking.uri={cfg.tracking.uri}"))
+    assert m["steps"] == 30 and m["budget"]["full_steps"] == 150 and m["budget"]["step_s"] > 0
+    assert m["config"]["vae"]["steps"] == 150  # the identity is the configured recipe, the count its record
+    assert json.loads((workdir / BUDGET_FILE).read_text())["train-vae"][m["config_hash"]]["steps"] == 30
+    shutil.rmtree(workdir / "models")
+    ample = tight.replace("seconds: 0.001", "seconds: 100000")
+    again = run_stage("train-vae", make_config(workdir, *SMALL, ample, f"tracking.uri={cfg.tracking.uri}"))
+    assert again["steps"] == 30 and again["budget"]["reused"]
+    assert again["metrics"]["psnr"] == pytest.approx(m["metrics"]["psnr"], abs=1e-4)  # the same model again
+
+
 def test_save_pretrained_round_trip_keeps_scale_and_outputs(tmp_path):
     vae = build_vae(VaeConfig(block_channels=[8, 16, 16]), 16, seed=0).eval()
     vae.register_to_config(scaling_factor=0.42)

@@ -1,82 +1,135 @@
-"""The time budget: a slower CPU gets fewer training steps so the run still fits, planned once per work directory."""
+"""The time budget: each training stage times its own steps and trains as many as fit, once per config."""
 
+import itertools
 import json
 
 import pytest
 
 from flows.report import closing_lines
 from ldm import budget
-from ldm.config import BUDGET_PLAN, ConfigError, load_config
+from ldm.config import BudgetConfig, ConfigError, load_config
 
-# The local profile's reference CPU takes 0.236 s per calibration step; 0.44 s was measured on a slower
-# AMD EPYC of the same name (2026-12-06), where the unscaled demo took 31.6 minutes.
-SLOW_STEP_S = 0.44
+STEP_S = 0.25  # seconds of one step on a fast CPU (a fake clock: nothing here waits)
 
 
-def test_a_slower_cpu_gets_steps_that_fit_the_budget_counting_the_stages_that_do_not_scale():
-    # Catches a factor of reference/measured alone (0.54 here): the stages it leaves whole slow down
-    # too, and the run would take 21.8 minutes of its 18.
-    cfg = load_config("local")
-    b = cfg.budget
-    plan = budget.make_plan(cfg, SLOW_STEP_S, "slow cpu")
-    assert 0.35 < plan["scale"] < 0.45
-    assert plan["predicted_minutes"] == pytest.approx(b.minutes, abs=0.05)
-    steps = round(cfg.train.steps * budget.scale_for(b, SLOW_STEP_S))
-    assert f"train.steps={steps}" in plan["overrides"]
-    assert any(o.startswith("vae.steps=") for o in plan["overrides"])
-    assert "clip.epochs" not in " ".join(plan["overrides"])  # not named in budget.scale
-    # The EMA's window (1 / (1 - decay) steps) shrinks with the run; a decay scaled like a step count
-    # (0.995 x 0.37) would average nothing.
-    decay = next(float(o.split("=")[1]) for o in plan["overrides"] if o.startswith("train.ema_decay="))
-    window = 1 / (1 - cfg.train.ema_decay) * budget.scale_for(b, SLOW_STEP_S)
-    assert 1 / (1 - decay) == pytest.approx(window, rel=0.02)
-    assert f"train.steps {cfg.train.steps} -> {steps}" in plan["summary"]
+def _budget(deadline=None, **stages) -> BudgetConfig:
+    stages = stages or {"train-vae": {"seconds": 250, "after_s": 270}, "train": {"seconds": 500, "after_s": 160}}
+    return BudgetConfig(minutes=18.5, stages=stages, deadline=deadline)
 
 
-def test_a_cpu_as_fast_as_the_reference_trains_the_profile_unchanged_and_a_very_slow_one_says_it_overshoots():
-    cfg = load_config("local")
-    fast = budget.make_plan(cfg, cfg.budget.reference_step_s * 0.8, "fast cpu")
-    assert fast["scale"] == 1.0 and fast["overrides"] == []
-    crawl = budget.make_plan(cfg, cfg.budget.reference_step_s * 5, "crawling cpu")
-    assert crawl["scale"] == cfg.budget.min_scale
-    assert crawl["predicted_minutes"] > cfg.budget.minutes
-    assert "over the budget" in crawl["summary"]
-
-
-def test_the_plan_is_made_once_per_workdir_and_every_later_load_of_it_trains_the_planned_steps(tmp_path):
-    # Catches a flow that calibrates again on a rerun (a new factor changes every training stage's
-    # config, so they all run again), and stages that load the config without the plan.
-    wd = str(tmp_path / "w")
-    cfg = load_config("local", [], wd)
-    plan = budget.ensure_plan(cfg, measure=lambda precision: SLOW_STEP_S, cpu="slow cpu")
-    assert json.loads((tmp_path / "w" / BUDGET_PLAN).read_text()) == plan
-    scaled = load_config("local", [], wd)
+def test_a_stage_whose_steps_are_k_times_slower_trains_k_times_fewer_in_the_same_seconds(tmp_path):
+    # Catches a count taken from anything but the stage's own measured step (a proxy, the config).
+    cfg = load_config("local", [], str(tmp_path))
     full = cfg.train.steps
-    assert scaled.train.steps == round(full * budget.scale_for(cfg.budget, SLOW_STEP_S)) < full
-    assert scaled.clip.epochs == cfg.clip.epochs
-    again = budget.ensure_plan(scaled, measure=lambda precision: 0.1, cpu="fast cpu")
-    assert again == plan
-    assert f"train.steps {full} -> " in closing_lines(scaled, "sqlite:///x.db", {})  # the run's last lines say so
-    assert load_config("local", ["train.steps=9"], wd).train.steps == 9  # the user's override still wins
-    assert load_config("test", [], wd).train.steps != scaled.train.steps  # a profile without a budget ignores it
-    assert load_config("local", ["compute.use_gpu=true"], wd).train.steps == full  # a GPU run has no CPU budget
+    fast = budget.decide(cfg.budget, "train", full, STEP_S / 2, now=0.0)
+    ref = budget.decide(cfg.budget, "train", full, STEP_S, now=0.0)
+    slow = budget.decide(cfg.budget, "train", full, 2 * STEP_S, now=0.0)
+    assert ref["steps"] == 500 / STEP_S == 2000  # train's own 500 s, run alone
+    assert slow["steps"] == pytest.approx(ref["steps"] / 2, abs=1)
+    assert fast["steps"] == full  # never more than configured: 4,000 would fit
+    assert slow["predicted_s"] <= 500
 
 
-def test_a_remote_workdir_or_a_gpu_run_has_no_cpu_budget(tmp_path):
-    assert budget.ensure_plan(load_config("local", [], "s3://bucket/w"), measure=lambda p: 9.0) is None
-    cfg = load_config("local", ["compute.use_gpu=true"], str(tmp_path))
-    assert budget.ensure_plan(cfg, measure=lambda p: 9.0) is None
-    assert not (tmp_path / BUDGET_PLAN).exists()
+def test_in_a_flow_a_stage_gets_its_share_of_what_is_left_and_an_early_one_leaves_its_seconds_to_the_next():
+    # Catches stages sized from the profile's fixed seconds while the flow runs late or early, and a
+    # later stage that keeps none of the time an earlier one did not use.
+    b = _budget(deadline=10_000.0)
+    vae = budget.allowance_s(b, "train-vae", now=10_000.0 - 1020)  # 17 minutes left
+    assert vae == pytest.approx((1020 - 270) * 250 / 750)
+    on_time = budget.allowance_s(b, "train", now=10_000.0 - 1020 + vae + 100)
+    early = budget.allowance_s(b, "train", now=10_000.0 - 1020 + vae / 2 + 100)
+    assert on_time == pytest.approx(1020 - vae - 100 - 160)
+    assert early - on_time == pytest.approx(vae / 2)  # the VAE's unused half goes to the UNet
+    assert budget.allowance_s(b, "train", now=20_000.0) == 0  # past the deadline: nothing, not a negative count
+    alone = _budget(deadline=None)
+    assert budget.allowance_s(alone, "train-vae", now=123.0) == 250
 
 
-def test_a_budget_naming_a_field_that_is_not_an_integer_step_count_is_refused_at_load():
-    with pytest.raises(ConfigError, match="train.lr"):
-        load_config("local", ["budget.scale=[train.steps, train.lr]"])
-    with pytest.raises(ConfigError, match="vae.stepz"):
-        load_config("local", ["budget.scale=[vae.stepz]"])
+def test_a_count_stays_between_the_floor_and_the_configured_steps():
+    assert budget.steps_for(0.0, 1.0, 3000, 0.25) == 750
+    assert budget.steps_for(1e9, 1.0, 3000, 0.25) == 3000
+    assert budget.steps_for(100.0, 0.05, 3000, 0.25) == 2000
+    assert budget.steps_for(0.0, 1.0, 3, 0.01) == 1  # a count is never 0 steps
 
 
-def test_a_corrupt_plan_file_is_a_one_line_error_naming_it(tmp_path):
-    (tmp_path / BUDGET_PLAN).write_text("{not json")
-    with pytest.raises(ConfigError, match="budget.json"):
-        load_config("local", [], str(tmp_path))
+def test_timing_leaves_out_the_warm_up_calls_and_means_the_rest():
+    # Catches warm-up calls (allocation, kernel choice) counted in the mean, or a sum for a mean.
+    ticks = itertools.count()
+    slow_first = iter([50.0, 50.0, 50.0] + [2.0] * 12)
+    now = [0.0]
+
+    def step():
+        now[0] += next(slow_first)
+
+    assert budget.time_steps(step, steps=12, warmup=3, clock=lambda: now[0] + 0 * next(ticks)) == 2.0
+
+
+def test_the_count_is_recorded_once_per_config_and_a_rerun_reuses_it_without_timing(tmp_path):
+    # Catches a rerun or resumed run that times its steps again and trains a different count (another
+    # model from the same config), and a record shared across configs.
+    cfg = load_config("local", [], str(tmp_path))
+    first = budget.sized(cfg, "train-vae", "hash-a", cfg.vae.steps, measure=lambda: STEP_S, now=lambda: 0.0)
+    assert first["steps"] == 250 / STEP_S
+    on_disk = json.loads((tmp_path / budget.BUDGET_FILE).read_text())
+    assert on_disk["train-vae"]["hash-a"]["steps"] == first["steps"]
+
+    def must_not_time() -> float:
+        raise AssertionError("a recorded count was timed again")
+
+    again = budget.sized(cfg, "train-vae", "hash-a", cfg.vae.steps, measure=must_not_time, now=lambda: 0.0)
+    assert again["steps"] == first["steps"] and again["reused"]
+    other = budget.sized(cfg, "train-vae", "hash-b", cfg.vae.steps, measure=lambda: STEP_S / 2, now=lambda: 0.0)
+    assert other["steps"] == 2000  # another config is timed for itself
+    train = budget.sized(cfg, "train", "hash-a", cfg.train.steps, measure=lambda: STEP_S, now=lambda: 0.0)
+    assert train["steps"] == 2000 and "train" in json.loads((tmp_path / budget.BUDGET_FILE).read_text())
+
+
+def test_no_budget_on_a_gpu_for_an_unnamed_stage_or_a_profile_without_one(tmp_path):
+    gpu = load_config("local", ["compute.use_gpu=true"], str(tmp_path))
+    assert budget.sized(gpu, "train", "h", 10, measure=lambda: 9.0) is None
+    vae_only = load_config("local", ["budget.stages={train-vae: {seconds: 1, after_s: 0}}"], str(tmp_path))
+    assert budget.applies(vae_only, "train-vae") and not budget.applies(vae_only, "train")
+    assert budget.sized(load_config("test", [], str(tmp_path)), "train", "h", 10, measure=lambda: 9.0) is None
+    assert not (tmp_path / budget.BUDGET_FILE).exists()
+
+
+def test_a_shorter_run_shrinks_its_warm_up_and_ema_window_in_proportion():
+    # Catches an EMA decay scaled like a step count (0.995 x 0.37 averages nothing) and a warm-up
+    # left at the full run's length (a third of a short run at a low LR).
+    tc = load_config("local").train
+    short = budget.scaled_train(tc, tc.steps // 4)
+    assert short.steps == tc.steps // 4
+    assert short.warmup_steps == round(tc.warmup_steps / 4)
+    assert 1 / (1 - short.ema_decay) == pytest.approx(1 / (1 - tc.ema_decay) / 4, rel=0.02)
+    assert short.lr == tc.lr
+    assert budget.scaled_train(tc, tc.steps) == tc
+    no_warmup = budget.scaled_train(tc.model_copy(update={"warmup_steps": 0}), 10)
+    assert no_warmup.warmup_steps == 0
+
+
+def test_the_flow_clock_starts_once_and_only_where_a_budget_applies():
+    cfg = load_config("local")
+    (override,) = budget.clock(cfg, started=1000.0)
+    assert override == f"budget.deadline={1000.0 + cfg.budget.minutes * 60:.1f}"
+    timed = load_config("local", [override])
+    assert timed.budget.deadline == 1000.0 + cfg.budget.minutes * 60
+    assert budget.clock(timed, started=5000.0) == []  # a clock already running is kept (deployment after CLI)
+    assert budget.clock(load_config("test"), 0.0) == []
+    assert budget.clock(load_config("local", ["compute.use_gpu=true"]), 0.0) == []
+
+
+def test_the_closing_lines_say_which_stage_the_budget_shortened_and_why(tmp_path):
+    cfg = load_config("local", [], str(tmp_path))
+    short = {"steps": 1200, "full_steps": 3400, "step_s": 0.31, "seconds": 372.0, "cpu": "AMD EPYC"}
+    whole = {**short, "steps": 3000, "full_steps": 3000}
+    text = closing_lines(cfg, "sqlite:///x.db", {"train-vae": {"budget": whole}, "train": {"budget": short}})
+    assert "budget: train trained 1,200 of 3,400 steps: 0.310 s a step measured on AMD EPYC" in text
+    assert "train-vae trained" not in text
+    assert "budget" not in closing_lines(cfg, "sqlite:///x.db", {"train": {"budget": None}})
+
+
+def test_a_budget_naming_a_stage_that_cannot_size_itself_is_refused_at_load():
+    with pytest.raises(ConfigError, match="budget.stages.train-clip"):
+        load_config("local", ["budget.stages={train-clip: {seconds: 1, after_s: 0}}"])
+    with pytest.raises(ConfigError, match="budget.stages.train.seconds"):
+        load_config("local", ["budget.stages.train.seconds=0"])

@@ -191,6 +191,41 @@ def test_exact_resume_matches_an_uninterrupted_run(cluster, inputs):
     assert seen["straight"] == seen["split"]
 
 
+def test_a_budgeted_run_trains_what_a_run_of_its_count_would_and_its_resume_never_times_again(cluster, inputs):
+    """A budget too short for 8 steps gets the floor (4), timed in the workers; stopped at 2 and resumed.
+
+    Bugs caught: the timing steps left in the weights or the optimizer (the run differs from one
+    configured with 4 steps and the same shortened warm-up and EMA window); a resumed run that times
+    again (it would record a new count) or trains the configured 8.
+    """
+    from safetensors.torch import load_file
+
+    from flows.cli import main
+    from flows.registry import run
+    from ldm.budget import BUDGET_FILE
+
+    common = [*TRAIN, "compute.num_workers=1", "train.batch_size=4"]
+    tight = "budget={minutes: 1, min_scale: 0.5, stages: {train: {seconds: 0.001, after_s: 0}}}"
+    run("train", make_config(inputs, *common, "train.steps=4", "train.warmup_steps=1", "train.ema_decay=0.998",
+                             "train.run_id=four"))  # fmt: skip
+    with pytest.raises(StageError, match="stopped at step 2 of 4"):
+        run("train", make_config(inputs, *common, "train.steps=8", tight, "train.run_id=timed", "train.stop_at_step=2"))
+    recorded = json.loads((inputs / BUDGET_FILE).read_text())["train"]
+    (record,) = recorded.values()
+    assert record["steps"] == 4 and record["full_steps"] == 8 and record["step_s"] > 0
+    (inputs / BUDGET_FILE).unlink()
+    assert main(["stage", "train", "--profile", "test", "--workdir", str(inputs), "--resume", "timed"]) == 0
+    assert not (inputs / BUDGET_FILE).exists()  # the resumed run took its count from its checkpoint
+    finals = {}
+    for name in ("four", "timed"):
+        m = json.loads((inputs / "runs" / name / "manifest.json").read_text())
+        assert m["steps"] == 4
+        finals[name] = load_file(str(Path(m["checkpoint"].removeprefix("file://")) / "state.safetensors"))
+    assert m["budget"]["steps"] == 4
+    for k, v in finals["four"].items():
+        assert torch.allclose(v.float(), finals["timed"][k].float(), atol=1e-6, rtol=0), k
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
