@@ -28,6 +28,7 @@ PROD_POOL = "k8s-gpu"  # train-ldm/prod's Kubernetes pool
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "ray": 8265, "s3": 9000}
 RAY_INTERNAL = ("gcs", "client", "agent_listen", "agent_grpc", "metrics", "runtime_env", "node_manager", "object")
 FAKE_S3_KEYS = {"AWS_ACCESS_KEY_ID": "stack", "AWS_SECRET_ACCESS_KEY": "stack", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "my-bucket"  # created on the stack's S3 by `up`: the bucket the README's example writes to
 
 
 class StackError(RuntimeError):
@@ -272,8 +273,27 @@ def _prefect(args: list[str], base: Path, state: dict, env: dict) -> None:
         raise StackError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}); see {log}")
 
 
+def make_bucket(state: dict, bucket: str = BUCKET) -> None:
+    """Create `bucket` on the stack's moto S3 server; a bucket that exists already is left as it is."""
+    import s3fs  # a core dependency, imported here so `ldm stack status` and `down` stay light
+
+    fs = s3fs.S3FileSystem(
+        key=FAKE_S3_KEYS["AWS_ACCESS_KEY_ID"],
+        secret=FAKE_S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": state["urls"]["s3"]},
+        skip_instance_cache=True,
+    )
+    try:
+        fs.mkdir(bucket)
+    except FileExistsError:
+        pass
+    except Exception as e:  # noqa: BLE001 - any failure is the user's one line, naming the bucket
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        raise StackError(f"could not create bucket s3://{bucket} at {state['urls']['s3']}: {why}") from e
+
+
 def up(base: Path, ports_spec: str | None = None) -> dict:
-    """Start every service, create the work pool, register the deployments; returns the state."""
+    """Start every service, create the S3 bucket and the work pool, register the deployments; returns the state."""
     state = load(base)
     if state and any(session_pids(s["pid"]) for s in state["services"].values()):
         raise StackError(f"a stack is already running from {base}; `ldm stack status` or `ldm stack down` first")
@@ -303,6 +323,7 @@ def up(base: Path, ports_spec: str | None = None) -> dict:
         for name in ("s3", "mlflow", "prefect", "ray"):
             _start(name, base.resolve(), state, env)
         _wait_healthy(["s3", "mlflow", "prefect", "ray"], state)
+        make_bucket(state)  # moto starts empty: without it the README's s3://my-bucket/w run fails at once
         _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], base, state, env)
         # train-ldm/prod names this pool; it must exist to register. No worker serves it here.
         _prefect(["work-pool", "create", PROD_POOL, "--type", "kubernetes", "--overwrite"], base, state, env)
@@ -364,7 +385,7 @@ def _print_urls(state: dict, base: Path) -> None:
     print(f"Prefect UI and API  {u['prefect']}   (work pool {POOL}, deployments train-ldm/local, train-ldm/prod)")
     print(f"MLflow UI           {u['mlflow']}")
     print(f"Ray dashboard       {u['ray']}   (token in {state['ray_token_path']})")
-    print(f"S3 (moto)           {u['s3']}")
+    print(f"S3 (moto)           {u['s3']}   (bucket s3://{BUCKET})")
     print(f"logs                {base / 'logs'}")
     print("point a shell at it: " + " ".join(f"{k}={v}" for k, v in client_env(state).items() if "AWS_SECRET" not in k))
 

@@ -5,7 +5,9 @@ Bugs this catches: a deployment whose entrypoint or pull step does not resolve f
 runs the Ray stages in the worker's process instead of as jobs on the stack's head (the dashboard would list
 none); a task that swallows a stage failure (a task run not COMPLETED); a stage without its artifact; training
 or evaluation logging somewhere other than the stack's MLflow server; a `down` that leaves Ray's raylet or the
-worker's flow-run subprocess running; a deployment parameter of the wrong type that is only found in a stage.
+worker's flow-run subprocess running; a deployment parameter of the wrong type that is only found in a stage;
+an `up` that does not create the bucket the README's example writes to (moto starts empty: the run would fail at
+once with "the bucket does not exist"); a bucket creation that fails when the bucket is there already.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from flows import stack
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-BUCKET = "stack-e2e"
 # The test profile, smaller where only the plumbing is under test (the stages' own tests check their numbers).
 FAST = [
     "clip.epochs=4",
@@ -63,13 +64,19 @@ def test_stack_runs_the_deployment_end_to_end(tmp_path):
         status = _cli(sys.executable, "-m", "flows.cli", "stack", "status", "--dir", str(base), env=env)
         assert status.returncode == 0, status.stdout + status.stderr
         client_env = {**env, **stack.client_env(state)}
-        _make_bucket(urls["s3"])
+        # `up` made the README's bucket (no test-side setup) and said so; making it again changes nothing.
+        assert f"s3://{stack.BUCKET}" in up.stdout
+        assert _bucket_exists(urls["s3"])
+        stack.make_bucket(state)
+        assert _bucket_exists(urls["s3"])
 
         # A wrong parameter type is refused when the run is created, naming the field, before any stage.
         bad = _deployment_run({"stages": 5}, client_env, timeout=120)
         assert bad.returncode != 0 and "stages" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
 
-        params = {"profile": "test", "workdir": f"s3://{BUCKET}/w", "overrides": FAST}
+        # The README's example's parameters (its bucket), plus the smaller overrides.
+        params = {**_readme_params(), "overrides": FAST}
+        assert params["workdir"] == f"s3://{stack.BUCKET}/w"
         run = _deployment_run(params, client_env, "--watch", "--watch-timeout", "480")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + _tail(base / "logs" / "worker.log")
         _check_prefect(urls["prefect"])
@@ -86,11 +93,20 @@ def _tail(path: Path) -> str:
     return path.read_text()[-3000:] if path.exists() else ""
 
 
-def _make_bucket(endpoint: str) -> None:
+def _bucket_exists(endpoint: str) -> bool:
     import s3fs
 
-    fs = s3fs.S3FileSystem(key="stack", secret="stack", client_kwargs={"endpoint_url": endpoint})
-    fs.mkdir(BUCKET)
+    fs = s3fs.S3FileSystem(
+        key="stack", secret="stack", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True
+    )
+    return stack.BUCKET in [b.rstrip("/") for b in fs.ls("")]
+
+
+def _readme_params() -> dict:
+    """The `--params` of the README's local-stack example, as a user copies it."""
+    section = (ROOT / "README.md").read_text().split("### The local stack", 1)[1].split("\n### ", 1)[0]
+    (line,) = [ln for ln in section.splitlines() if ln.startswith("prefect deployment run") and "--params" in ln]
+    return json.loads(line.split("--params '", 1)[1].split("'", 1)[0])
 
 
 def _check_prefect(api: str) -> None:
