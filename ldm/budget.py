@@ -133,8 +133,8 @@ def scaled_train(tc: TrainConfig, steps: int) -> TrainConfig:
         return tc
     ratio = steps / tc.steps
     warmup = max(1, round(tc.warmup_steps * ratio)) if tc.warmup_steps else 0
-    decay = round(1 - (1 - tc.ema_decay) / ratio, 4) if tc.ema_decay else 0.0
-    return tc.model_copy(update={"steps": steps, "warmup_steps": warmup, "ema_decay": max(0.0, decay)})
+    decay = max(0.0, 1 - (1 - tc.ema_decay) / ratio)  # a decay of 0 (no averaging) stays 0
+    return tc.model_copy(update={"steps": steps, "warmup_steps": warmup, "ema_decay": decay})
 
 
 def summary(stage: str, record: dict | None) -> str | None:
@@ -147,13 +147,13 @@ def summary(stage: str, record: dict | None) -> str | None:
     )
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name from /proc/cpuinfo, or the platform's word for it."""
     import platform
     from pathlib import Path
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

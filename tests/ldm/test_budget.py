@@ -52,6 +52,25 @@ def test_a_count_stays_between_the_floor_and_the_configured_steps():
     assert budget.steps_for(0.0, 1.0, 3, 0.01) == 1  # a count is never 0 steps
 
 
+def test_the_record_names_the_count_and_the_figures_it_came_from_to_their_precision():
+    # Catches a record whose fields the manifest, MLflow and the closing lines read under other names,
+    # or rounded past use (a step of 0.12 s shown as 0).
+    b = _budget(deadline=1000.0)
+    record = budget.decide(b, "train", 3400, 0.1234567, now=1000.0 - 160 - 250.04)
+    assert record == {
+        "steps": 2025, "full_steps": 3400, "step_s": 0.12346, "seconds": 250.0, "predicted_s": 250.0,
+        "cpu": budget.cpu_name(),
+    }  # fmt: skip
+    assert budget.decide(b, "train", 3400, 0.1, now=1000.0 - 160 - 333.36)["seconds"] == 333.4
+
+
+def test_the_cpu_is_named_by_its_model_name_line_or_the_platform(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14: engineering sample\nflags\t: avx2\n")
+    assert budget.cpu_name(str(info)) == "AMD EPYC 9B14: engineering sample"
+    assert budget.cpu_name(str(tmp_path / "missing"))  # no /proc: still a name, never empty
+
+
 def test_timing_leaves_out_the_warm_up_calls_and_means_the_rest():
     # Catches warm-up calls (allocation, kernel choice) counted in the mean, or a sum for a mean.
     ticks = itertools.count()
@@ -81,7 +100,16 @@ def test_the_count_is_recorded_once_per_config_and_a_rerun_reuses_it_without_tim
     other = budget.sized(cfg, "train-vae", "hash-b", cfg.vae.steps, measure=lambda: STEP_S / 2, now=lambda: 0.0)
     assert other["steps"] == 2000  # another config is timed for itself
     train = budget.sized(cfg, "train", "hash-a", cfg.train.steps, measure=lambda: STEP_S, now=lambda: 0.0)
-    assert train["steps"] == 2000 and "train" in json.loads((tmp_path / budget.BUDGET_FILE).read_text())
+    assert train["steps"] == 2000
+    both = json.loads((tmp_path / budget.BUDGET_FILE).read_text())  # one stage's record never drops another's
+    assert both["train"]["hash-a"]["steps"] == 2000 and both["train-vae"]["hash-a"]["steps"] == 1000
+
+
+def test_in_a_flow_the_count_comes_from_the_clock_at_the_moment_the_stage_is_sized(tmp_path):
+    # Catches a count sized without the clock (as if run alone) while a flow's deadline is set.
+    cfg = load_config("local", ["budget.deadline=5000"], str(tmp_path))
+    late = budget.sized(cfg, "train", "h", cfg.train.steps, measure=lambda: STEP_S, now=lambda: 5000.0 - 160 - 300)
+    assert late["steps"] == 300 / STEP_S and late["seconds"] == 300
 
 
 def test_no_budget_on_a_gpu_for_an_unnamed_stage_or_a_profile_without_one(tmp_path):
@@ -103,8 +131,11 @@ def test_a_shorter_run_shrinks_its_warm_up_and_ema_window_in_proportion():
     assert 1 / (1 - short.ema_decay) == pytest.approx(1 / (1 - tc.ema_decay) / 4, rel=0.02)
     assert short.lr == tc.lr
     assert budget.scaled_train(tc, tc.steps) == tc
-    no_warmup = budget.scaled_train(tc.model_copy(update={"warmup_steps": 0}), 10)
-    assert no_warmup.warmup_steps == 0
+    fine = tc.model_copy(update={"ema_decay": 0.99995})  # unchanged at its full count, not rounded to 1 (frozen)
+    assert budget.scaled_train(fine, tc.steps).ema_decay == 0.99995
+    assert budget.scaled_train(tc, tc.steps // 1000).warmup_steps == 1  # a warm-up never rounds to none
+    no_warmup = budget.scaled_train(tc.model_copy(update={"warmup_steps": 0, "ema_decay": 0.0}), 10)
+    assert no_warmup.warmup_steps == 0 and no_warmup.ema_decay == 0.0
 
 
 def test_the_flow_clock_starts_once_and_only_where_a_budget_applies():
