@@ -249,17 +249,19 @@ def test_precompute_reads_and_writes_s3(latents, s3_bucket):
     import s3fs
 
     ray.shutdown()  # the workers must start with the moto endpoint in their environment
-    cfg, m = latents
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    for sub in ("filtered", "models"):
-        fs.put(str(Path(cfg.workdir) / sub), f"{s3_bucket}/w/{sub}", recursive=True)
-    fs.put(str(Path(cfg.workdir) / "raw" / "manifest.json"), f"{s3_bucket}/w/raw/manifest.json")
-    s3cfg = make_config(f"{s3_bucket}/w")
-    result = run_stage("precompute", s3cfg)
-    assert result["rows"] == m["rows"] and len(result["parts"]) == len(m["parts"])
-    ds, lm = latent_dataset(f"{s3_bucket}/w/latents")
-    assert ds.count() == m["rows"] and load_latent_manifest(f"{s3_bucket}/w/latents")["rows"] == m["rows"]
-    ray.shutdown()
+    try:  # a failure here must not leave this Ray instance (with the moto endpoint) to the next module
+        cfg, m = latents
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        for sub in ("filtered", "models"):
+            fs.put(str(Path(cfg.workdir) / sub), f"{s3_bucket}/w/{sub}", recursive=True)
+        fs.put(str(Path(cfg.workdir) / "raw" / "manifest.json"), f"{s3_bucket}/w/raw/manifest.json")
+        s3cfg = make_config(f"{s3_bucket}/w")
+        result = run_stage("precompute", s3cfg)
+        assert result["rows"] == m["rows"] and len(result["parts"]) == len(m["parts"])
+        ds, lm = latent_dataset(f"{s3_bucket}/w/latents")
+        assert ds.count() == m["rows"] and load_latent_manifest(f"{s3_bucket}/w/latents")["rows"] == m["rows"]
+    finally:
+        ray.shutdown()
 
 
 def test_precompute_joins_the_cluster_named_by_ray_address(latents, tmp_path):

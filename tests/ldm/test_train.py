@@ -84,9 +84,9 @@ def cluster():
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": tmp})
-    c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False)
-    try:
+    try:  # a failing add_node or init must not leave the head's processes running
+        c.add_node(num_cpus=1)
+        ray.init(address=c.address, log_to_driver=False)
         yield c
     finally:
         ray.shutdown()
