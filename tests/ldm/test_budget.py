@@ -10,6 +10,8 @@ from ldm import budget
 from ldm.config import BudgetConfig, ConfigError, load_config
 
 STEP_S = 0.25  # seconds of one step on a fast CPU (a fake clock: nothing here waits)
+# The split these tests reason with, whatever the local profile's is today.
+STAGES = "budget.stages={train-vae: {seconds: 250, after_s: 270}, train: {seconds: 500, after_s: 160}}"
 
 
 def _budget(deadline=None, **stages) -> BudgetConfig:
@@ -19,7 +21,7 @@ def _budget(deadline=None, **stages) -> BudgetConfig:
 
 def test_a_stage_whose_steps_are_k_times_slower_trains_k_times_fewer_in_the_same_seconds(tmp_path):
     # Catches a count taken from anything but the stage's own measured step (a proxy, the config).
-    cfg = load_config("local", [], str(tmp_path))
+    cfg = load_config("local", [STAGES], str(tmp_path))
     full = cfg.train.steps
     fast = budget.decide(cfg.budget, "train", full, STEP_S / 2, now=0.0)
     ref = budget.decide(cfg.budget, "train", full, STEP_S, now=0.0)
@@ -86,7 +88,7 @@ def test_timing_leaves_out_the_warm_up_calls_and_means_the_rest():
 def test_the_count_is_recorded_once_per_config_and_a_rerun_reuses_it_without_timing(tmp_path):
     # Catches a rerun or resumed run that times its steps again and trains a different count (another
     # model from the same config), and a record shared across configs.
-    cfg = load_config("local", [], str(tmp_path))
+    cfg = load_config("local", [STAGES], str(tmp_path))
     first = budget.sized(cfg, "train-vae", "hash-a", cfg.vae.steps, measure=lambda: STEP_S, now=lambda: 0.0)
     assert first["steps"] == 250 / STEP_S
     on_disk = json.loads((tmp_path / budget.BUDGET_FILE).read_text())
@@ -107,7 +109,7 @@ def test_the_count_is_recorded_once_per_config_and_a_rerun_reuses_it_without_tim
 
 def test_in_a_flow_the_count_comes_from_the_clock_at_the_moment_the_stage_is_sized(tmp_path):
     # Catches a count sized without the clock (as if run alone) while a flow's deadline is set.
-    cfg = load_config("local", ["budget.deadline=5000"], str(tmp_path))
+    cfg = load_config("local", [STAGES, "budget.deadline=5000"], str(tmp_path))
     late = budget.sized(cfg, "train", "h", cfg.train.steps, measure=lambda: STEP_S, now=lambda: 5000.0 - 160 - 300)
     assert late["steps"] == 300 / STEP_S and late["seconds"] == 300
 
