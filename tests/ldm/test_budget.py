@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,9 +59,9 @@ def test_the_record_names_the_count_and_the_figures_it_came_from_to_their_precis
     # Catches a record whose fields the manifest, MLflow and the closing lines read under other names,
     # or rounded past use (a step of 0.12 s shown as 0).
     b = _budget(deadline=1000.0)
-    record = budget.decide(b, "train", 3400, 0.1234567, now=1000.0 - 160 - 250.04)
+    record = budget.decide(b, "train", 3400, 0.1111111, now=1000.0 - 160 - 100.5)
     assert record == {
-        "steps": 2025, "full_steps": 3400, "step_s": 0.12346, "seconds": 250.0, "predicted_s": 250.0,
+        "steps": 904, "full_steps": 3400, "step_s": 0.11111, "seconds": 100.5, "predicted_s": 100.4,
         "cpu": budget.cpu_name(),
     }  # fmt: skip
     assert budget.decide(b, "train", 3400, 0.1, now=1000.0 - 160 - 333.36)["seconds"] == 333.4
@@ -71,6 +72,8 @@ def test_the_cpu_is_named_by_its_model_name_line_or_the_platform(tmp_path):
     info.write_text("processor\t: 0\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14: engineering sample\nflags\t: avx2\n")
     assert budget.cpu_name(str(info)) == "AMD EPYC 9B14: engineering sample"
     assert budget.cpu_name(str(tmp_path / "missing"))  # no /proc: still a name, never empty
+    if Path("/proc/cpuinfo").is_file():  # by default it reads this machine's
+        assert budget.cpu_name() == budget.cpu_name("/proc/cpuinfo") != budget.cpu_name(str(tmp_path / "missing"))
 
 
 def test_timing_leaves_out_the_warm_up_calls_and_means_the_rest():
