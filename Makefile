@@ -48,8 +48,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# .ci/run runs `make lint` and then this line itself, not through make, so that pytest's summary is CI's last
-# line and pytest's exit status CI's: change both together.
+# CI (.ci/run) runs this target: on a green run pytest's summary is its last line.
 test: lint
 	$(BIN)/python -m pytest -q -ra
 
