@@ -20,16 +20,22 @@ DASHBOARD_PORT = 8265  # Ray's default; an address given as host:port (GCS) or r
 
 
 def env_overrides(cfg: PipelineConfig) -> list[str]:
-    """Config overrides taken from the environment: MLFLOW_TRACKING_URI when the profile names no tracking URI.
+    """Config overrides taken from the environment: MLFLOW_TRACKING_URI, when set, as tracking.uri.
 
-    RAY_ADDRESS and AWS_ENDPOINT_URL need none: ldm.ray_cluster and s3fs read them themselves.
+    The environment wins over the profile, as RAY_ADDRESS does over compute.ray_address (on the cluster both
+    come from infra's ConfigMap); put before the user's --set overrides, which win over both. RAY_ADDRESS and
+    AWS_ENDPOINT_URL need none: ldm.ray_cluster, this module and s3fs read them themselves.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return [f"tracking.uri={uri}"] if uri and not cfg.tracking.uri else []
+    return [f"tracking.uri={uri}"] if uri and uri != cfg.tracking.uri else []
 
 
 def ray_address(cfg: PipelineConfig) -> str | None:
-    """The Ray cluster the Ray stages are sent to (RAY_ADDRESS, else compute.ray_address), or None: in-process."""
+    """The Ray cluster the Ray stages are sent to as jobs (RAY_ADDRESS, else compute.ray_address), or None.
+
+    None ("", "local" or "auto") runs them in this process: "auto" joins a cluster running on this machine, if
+    any, as ray.init does; a remote cluster is named by its dashboard URL (see dashboard_url).
+    """
     address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
     return None if address in (None, "", "auto", "local") else address
 

@@ -24,8 +24,16 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
-def artifact_root(cfg: PipelineConfig) -> str:
-    """Where runs' artifacts go when this pipeline creates the experiment: W/mlartifacts."""
+def artifact_root(cfg: PipelineConfig) -> str | None:
+    """Where runs' artifacts go when this pipeline creates the experiment: W/mlartifacts for a local store, None
+    (the server's choice) for a tracking server.
+
+    A server decides where artifacts live: with --serve-artifacts (infra/k8s/mlflow.yaml) it stores them under
+    its --artifacts-destination and hands out mlflow-artifacts:/ URIs, so clients need no S3 credentials of
+    their own. An explicit location would send every client straight to that store instead.
+    """
+    if tracking_uri(cfg).startswith(("http://", "https://")):
+        return None
     return Workdir.of(cfg).mlartifacts
 
 

@@ -36,12 +36,16 @@ def test_deployments_name_the_flow_the_pools_and_valid_parameters():
     assert prod["job_variables"]["image"].startswith("ghcr.io/ldm-pipeline/ldm-pipeline:")
 
 
-def test_prefect_yaml_holds_no_secret_and_takes_endpoints_from_the_environment():
+def test_prefect_yaml_holds_no_secret_and_no_endpoint():
     """Bug caught: a credential or a fixed endpoint written into the deployment file (it is committed and shown
-    in the Prefect UI); endpoints must come from the environment at deploy time."""
+    in the Prefect UI), or an endpoint taken from the deployer's shell: `prefect deploy` leaves a `{{ $VAR }}` the
+    shell lacks as its literal text, and a job env entry shadows the cluster's ConfigMap (infra/k8s/configmap.yaml),
+    the one place the endpoints are said."""
     text = (ROOT / "prefect.yaml").read_text()
     assert not re.search(r"(?i)(secret_access_key|password|session_token|://[^/\s:@]+:[^/\s@]+@)", text)
-    env = _deployments()["prod"]["work_pool"]["job_variables"]["env"]
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
-        assert env[key] == "{{ $" + key + " }}"
-    assert _deployments()["prod"]["parameters"]["workdir"] == "{{ $LDM_WORKDIR }}"
+    prod = _deployments()["prod"]
+    env = prod["work_pool"]["job_variables"]["env"]
+    endpoints = yaml.safe_load((ROOT / "infra" / "k8s" / "configmap.yaml").read_text())["data"]
+    assert not set(env) & set(endpoints), "prefect.yaml sets what the ConfigMap already gives the flow pod"
+    assert not [v for v in [*env.values(), *prod["parameters"].values()] if "{{" in str(v)]
+    assert "workdir" not in prod["parameters"]  # conf/prod.yaml's workdir: the bucket infra/ names

@@ -1,58 +1,40 @@
-"""Consistency checks over infra/: each takes the loaded bundle and fails with an AssertionError naming the drift.
+"""Consistency checks over infra/: each takes a loaded Bundle and fails with an AssertionError naming the drift.
 
-They are functions of a bundle (not of the files) so that test_manifests.py can run each on the real files and
-on a copy with one plausible drift planted, proving every check can fail.
+They are functions of a bundle (not of the files) so that the tests can run each on the real files, on a copy
+with one plausible drift planted, and on the files of an earlier commit, proving every check can fail. This
+module holds the checks of the manifests' own consistency; names.py, envvars.py and monitoring.py hold those
+of the names, variables and monitors the files share. CHECKS lists them all.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+from tests.infra.bundle import (  # noqa: F401 - re-exported: the tests reach the helpers through this module
+    INFRA,
+    ROOT,
+    Bundle,
+    containers,
+    endpoints,
+    head_service,
+    image_name,
+    listed,
+    load,
+    of_kind,
+    one,
+    pod_specs,
+    pool_default,
+    raycluster,
+    version,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-INFRA = ROOT / "infra"
-IMAGE = "ghcr.io/ldm-pipeline/ldm-pipeline"  # the one image name the issue fixes
-PLACEHOLDER = re.compile(r"^\$\{[A-Z][A-Z0-9_]*\}$")
+PLACEHOLDER = re.compile(r"^\$\{([A-Z][A-Z0-9_]*)\}$")
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY", re.I)
 GIB = 2**30
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": GIB, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-@dataclass
-class Bundle:
-    """Every manifest of infra/k8s, the pool template, the Dockerfile text, pyproject and conf/prod.yaml."""
-
-    docs: list[dict]
-    pool: dict
-    dockerfile: str
-    pyproject: dict
-    prod: dict
-    files: dict[int, str] = field(default_factory=dict)  # id(doc) -> file name, for messages
-
-
-def load() -> Bundle:
-    """Read infra/ and the files it must agree with."""
-    docs, files = [], {}
-    for path in sorted((INFRA / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs.append(doc)
-                files[id(doc)] = path.name
-    return Bundle(
-        docs=docs,
-        pool=json.loads((INFRA / "k8s" / "prefect-work-pool.json").read_text()),
-        dockerfile=(INFRA / "Dockerfile").read_text(),
-        pyproject=tomllib.loads((ROOT / "pyproject.toml").read_text()),
-        prod=yaml.safe_load((ROOT / "conf" / "prod.yaml").read_text()),
-        files=files,
-    )
+THIRD_PARTY_TAG = re.compile(r"^[a-z0-9./-]+:(?!latest$)[A-Za-z0-9][A-Za-z0-9._-]*$")  # pinned, not :latest
 
 
 def quantity(q: str | int) -> float:
@@ -66,73 +48,28 @@ def quantity(q: str | int) -> float:
     return float(s)
 
 
-def of_kind(b: Bundle, kind: str) -> list[dict]:
-    """The documents of one kind."""
-    return [d for d in b.docs if d.get("kind") == kind]
-
-
-def one(b: Bundle, kind: str, name: str) -> dict:
-    """The one document of that kind and name."""
-    found = [d for d in of_kind(b, kind) if d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-def raycluster(b: Bundle) -> dict:
-    """The RayCluster."""
-    (rc,) = of_kind(b, "RayCluster")
-    return rc
-
-
-def pod_specs(b: Bundle) -> list[tuple[str, dict]]:
-    """(where, pod spec) of every pod the manifests and the pool template make."""
-    out = []
-    for d in b.docs:
-        kind, name = d["kind"], d["metadata"]["name"]
-        if kind in ("Deployment", "StatefulSet", "Job"):
-            out.append((f"{kind} {name}", d["spec"]["template"]["spec"]))
-        if kind == "RayCluster":
-            out.append((f"RayCluster {name} head", d["spec"]["headGroupSpec"]["template"]["spec"]))
-            for g in d["spec"].get("workerGroupSpecs", []):
-                out.append((f"RayCluster {name} {g['groupName']}", g["template"]["spec"]))
-    job = b.pool["job_configuration"]["job_manifest"]
-    out.append(("work pool job", job["spec"]["template"]["spec"]))
-    return out
-
-
-def containers(b: Bundle) -> list[tuple[str, dict]]:
-    """(where, container) of every container."""
-    return [(f"{where}/{c['name']}", c) for where, spec in pod_specs(b) for c in spec["containers"]]
-
-
-def listed(c: dict, key: str) -> list:
-    """A container's env / args list; the pool template's `{{ env }}` placeholders count as empty."""
-    value = c.get(key, [])
-    return value if isinstance(value, list) else []
-
-
-def pool_default(b: Bundle, var: str) -> Any:
-    """The default of one work-pool variable."""
-    return b.pool["variables"]["properties"][var].get("default")
-
-
-def endpoints(b: Bundle) -> dict[str, str]:
-    """The ldm-endpoints ConfigMap's data."""
-    return one(b, "ConfigMap", "ldm-endpoints")["data"]
-
-
 # --- the checks ------------------------------------------------------------------------------------------
 
 
 def check_image(b: Bundle) -> None:
-    """One image, one tag: the Dockerfile's name, every pod's image, the pool's default, tag = project version."""
-    named = re.search(r"^#\s*image:\s*(\S+)\s*$", b.dockerfile, re.M)
-    assert named and named.group(1) == IMAGE, f"infra/Dockerfile names image {named and named.group(1)}, not {IMAGE}"
-    version = b.pyproject["project"]["version"]
-    ours = [(w, c["image"]) for w, c in containers(b) if not c["image"].startswith(("postgres:", "{{"))]
-    ours.append(("work pool default", pool_default(b, "image")))
-    for where, image in ours:
-        assert image == f"{IMAGE}:{version}", f"{where} runs {image}, expected {IMAGE}:{version} (pyproject version)"
+    """One image, one tag: every pod that runs the project's image (infra/Dockerfile's `# image:` name), the pool's
+    default and the prod deployment's image carry the project version (pyproject.toml), so the flow pod and the
+    Ray pods run the same code; any other image is pinned to a tag, never :latest."""
+    ours, tag = image_name(b), version(b)
+    found = [(w, c["image"]) for w, c in containers(b) if not c["image"].startswith("{{")]
+    found.append(("work pool default", pool_default(b, "image")))
+    prod = next((d for d in b.prefect.get("deployments", []) if d["name"] == "prod"), {})
+    found.append(("prefect.yaml prod", (prod.get("work_pool", {}).get("job_variables") or {}).get("image")))
+    problems = []
+    for where, image in (f for f in found if f[1]):
+        repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+        if repo == ours and image != f"{ours}:{tag}":
+            problems.append(f"{where} runs {image}, expected {ours}:{tag} (pyproject version)")
+        elif repo != ours and repo.startswith(ours.rsplit("/", 1)[0] + "/"):
+            problems.append(f"{where} runs {image}: not the project's image {ours}")
+        elif repo != ours and not THIRD_PARTY_TAG.match(image):
+            problems.append(f"{where} runs {image}: pin a tag (a moving tag runs whatever was pushed last)")
+    assert not problems, "\n".join(problems)
 
 
 def check_versions(b: Bundle) -> None:
@@ -172,24 +109,30 @@ def _service_port(b: Bundle, name: str, port: int) -> dict:
 def _host(url: str, ns: str) -> tuple[str, int]:
     parts = urlsplit(url)
     suffix = f".{ns}.svc.cluster.local"
-    assert parts.hostname.endswith(suffix), f"{url} is not a service of namespace {ns} ({suffix})"
+    assert parts.hostname and parts.hostname.endswith(suffix), f"{url} is not a service of namespace {ns} ({suffix})"
     return parts.hostname.removesuffix(suffix), parts.port
 
 
 def check_ray_endpoints(b: Bundle) -> None:
-    """RAY_ADDRESS and RAY_DASHBOARD_URL name the head service KubeRay makes and the head's client / dashboard ports."""
-    rc, ep = raycluster(b), endpoints(b)
-    ns = rc["metadata"]["namespace"]
-    head = rc["spec"]["headGroupSpec"]
-    service = (head.get("headService") or {}).get("metadata", {}).get("name") or f"{rc['metadata']['name']}-head-svc"
-    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    for var, scheme, port_name in (("RAY_ADDRESS", "ray", "client"), ("RAY_DASHBOARD_URL", "http", "dashboard")):
-        assert urlsplit(ep[var]).scheme == scheme, f"{var}={ep[var]} should be a {scheme}:// URL"
-        host, port = _host(ep[var], ns)
-        assert host == service, f"{var} names {host}, but the RayCluster's head service is {service}"
-        assert port == ports.get(port_name), f"{var} uses port {port}, the head's {port_name} port is {ports}"
+    """RAY_ADDRESS (the ConfigMap's) and conf/prod.yaml's compute.ray_address both name the job API the flow
+    submits the Ray stages to: http:// on the RayCluster's head service, at the head's dashboard port (a ray://
+    client address would leave the code to guess the dashboard's port; `auto` would run them in the flow pod)."""
+    rc = raycluster(b)
+    ns, head = rc["metadata"]["namespace"], rc["spec"]["headGroupSpec"]
+    service, ports = head_service(b)
+    problems = []
+    named = (("ConfigMap ldm-endpoints RAY_ADDRESS", endpoints(b).get("RAY_ADDRESS")),
+             ("conf/prod.yaml compute.ray_address", b.prod.get("compute", {}).get("ray_address")))  # fmt: skip
+    for where, url in named:
+        parts = urlsplit(str(url))
+        host = (parts.hostname or "").removesuffix(f".{ns}.svc.cluster.local")
+        if parts.scheme != "http" or host != service or parts.port != ports.get("dashboard"):
+            problems.append(f"{where} is {url!r}: the head's job API is "
+                            f"http://{service}.{ns}.svc.cluster.local:{ports.get('dashboard')}")  # fmt: skip
     dash = head["rayStartParams"].get("dashboard-port", "8265")
-    assert str(ports["dashboard"]) == dash, f"head container port dashboard {ports['dashboard']} != Ray's {dash}"
+    if str(ports.get("dashboard")) != dash:
+        problems.append(f"head container port dashboard {ports.get('dashboard')} != Ray's dashboard-port {dash}")
+    assert not problems, "\n".join(problems)
 
 
 def _mlflow_container(b: Bundle) -> dict:
@@ -223,8 +166,14 @@ def _secret_keys(b: Bundle) -> dict[str, set[str]]:
     return {d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {})) for d in of_kind(b, "Secret")}
 
 
+def _made_by_readme(b: Bundle) -> set[str]:
+    """Names of the objects infra/README.md's steps create by hand (`kubectl create configmap NAME ...`)."""
+    return set(re.findall(r"create (?:configmap|secret \S+) ([a-z0-9-]+)", b.readme))
+
+
 def check_references(b: Bundle) -> None:
-    """Every Secret / ConfigMap / key / PVC / $(VAR) a pod refers to exists."""
+    """Every Secret / ConfigMap / key / PVC / $(VAR) a pod refers to, by env or by volume, exists (an optional
+    ConfigMap volume may instead be one that infra/README.md's steps create)."""
     secrets = _secret_keys(b)
     maps = {d["metadata"]["name"]: set(d["data"]) for d in of_kind(b, "ConfigMap")}
     claims = {d["metadata"]["name"] for d in of_kind(b, "PersistentVolumeClaim")}
@@ -252,15 +201,32 @@ def check_references(b: Bundle) -> None:
             if "persistentVolumeClaim" in v:
                 claim = v["persistentVolumeClaim"]["claimName"]
                 assert claim in claims, f"{where}: volume {v['name']} claims PVC {claim}, which no manifest defines"
+            sources = [s for s in [v] + v.get("projected", {}).get("sources", []) if "secret" in s or "configMap" in s]
+            for src in sources:
+                kind, ref = ("Secret", src["secret"]) if "secret" in src else ("ConfigMap", src["configMap"])
+                name, known = ref.get("secretName") or ref.get("name"), secrets if kind == "Secret" else maps
+                if name not in known:
+                    made = ref.get("optional") and name in _made_by_readme(b)
+                    assert made, f"{where}: volume {v['name']} mounts {kind} {name}, which no manifest defines"
+                for item in ref.get("items", []):
+                    assert item["key"] in known.get(name, ()), (
+                        f"{where}: volume {v['name']} mounts {kind} {name}/{item['key']}: no such key"
+                    )
 
 
 def check_no_credentials(b: Bundle) -> None:
-    """Secrets are templates (${PLACEHOLDER} values), the ConfigMap and the Dockerfile carry no credential."""
+    """Secrets are templates: each value a ${PLACEHOLDER} named after its key (KubeRay's `auth_token` may be
+    ${RAY_AUTH_TOKEN}), no placeholder used twice; the ConfigMap and the Dockerfile carry no credential."""
+    seen: dict[str, str] = {}
     for d in of_kind(b, "Secret"):
         for key, value in {**d.get("stringData", {}), **d.get("data", {})}.items():
             where = f"Secret {d['metadata']['name']}/{key}"
-            assert PLACEHOLDER.match(str(value)), f"{where} holds a value, not a ${{PLACEHOLDER}}"
-            assert value == f"${{{key}}}", f"{where} is filled from {value}, not ${{{key}}}"
+            placeholder = PLACEHOLDER.match(str(value))
+            assert placeholder, f"{where} holds a value, not a ${{PLACEHOLDER}}"
+            var = placeholder.group(1)
+            assert var.endswith(key.upper()), f"{where} is filled from {value}, not a ${{...{key.upper()}}}"
+            assert var not in seen, f"{where} and {seen.get(var)} are both filled from {value}"
+            seen[var] = where
     for key in endpoints(b):
         assert not CREDENTIAL_NAME.search(key), f"ConfigMap ldm-endpoints holds {key}: credentials go in a Secret"
     for line in b.dockerfile.splitlines():
@@ -316,6 +282,18 @@ def check_pool_variables(b: Bundle) -> None:
     assert declared <= used, f"work pool variables never used in job_configuration: {sorted(declared - used)}"
 
 
+def check_secret_exports(b: Bundle) -> None:
+    """Every ${PLACEHOLDER} of secrets.template.yaml is exported by infra/README.md's steps before its envsubst
+    (envsubst writes an unset one as an empty string: an empty password or Ray token, silently)."""
+    exports = re.findall(r"^export (.+)$", b.readme, re.M)
+    exported = {v for line in exports for v in re.findall(r"\b([A-Z_0-9]+)=", line)}
+    values = [str(v) for d in of_kind(b, "Secret") for v in {**d.get("stringData", {}), **d.get("data", {})}.values()]
+    needed = {m.group(1) for m in map(PLACEHOLDER.match, values) if m}
+    assert needed <= exported, f"infra/README.md exports no {sorted(needed - exported)} for the Secret templates"
+
+
+from tests.infra import envvars, monitoring, names  # noqa: E402 - they use the helpers above through bundle.py
+
 CHECKS = [
     check_image,
     check_versions,
@@ -324,7 +302,20 @@ CHECKS = [
     check_mlflow_endpoints,
     check_references,
     check_no_credentials,
+    check_secret_exports,
     check_cluster_internal,
     check_ray_sizes,
     check_pool_variables,
+    names.check_image_refs,
+    names.check_workdir,
+    names.check_buckets,
+    names.check_services,
+    envvars.check_env_read,
+    envvars.check_env_endpoints_set,
+    envvars.check_deploy_env,
+    envvars.check_env_paths,
+    envvars.check_ray_auth,
+    envvars.check_flow_endpoints,
+    monitoring.check_pod_monitors,
+    monitoring.check_grafana,
 ]
