@@ -63,3 +63,20 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
                 log_to_driver=False,
             )
     return ray.cluster_resources()
+
+
+def actor_pool(cfg: PipelineConfig, configured: int | None, units: int) -> tuple[int, dict]:
+    """(actors, resources per actor) for a stage's pool of model actors: one per GPU on GPUs, else one per CPU.
+
+    Counted from what is free now, not the cluster's total: inside a Ray job the driver already holds its
+    CPUs, and a fixed-size pool larger than what can be placed would wait forever. Never more actors
+    than units of work (shards): an idle actor would only load its models.
+    """
+    import ray
+
+    free = ray.available_resources()
+    if cfg.compute.use_gpu:
+        actors, res = configured or max(1, int(free.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
+    else:
+        actors, res = configured or max(1, int(free.get("CPU", 1))), {"num_cpus": 1}
+    return max(1, min(actors, units)), res

@@ -98,6 +98,16 @@ def components(tmp_path_factory, ingested):
     return cfg, manifests
 
 
+@pytest.fixture(scope="session")
+def latents(components):
+    """train-vae and precompute on the components' work directory: (config, precompute manifest)."""
+    from flows.registry import run as run_stage
+
+    cfg, _ = components
+    run_stage("train-vae", cfg)
+    return cfg, run_stage("precompute", cfg)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and two OpenMP threads on a busy 2-core box stall."""

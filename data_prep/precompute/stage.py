@@ -1,9 +1,9 @@
 """The precompute stage: filtered shards -> VAE latents + text token embeddings, as Parquet parts (Ray Data).
 
 One streaming Ray Data pipeline: a pool of encoder actors takes one shard per call (read, decode, VAE
-latent, caption states), and the driver writes each input shard's rows as one Parquet part,
-atomically, as soon as the shard is complete. Parts are named by input shard, so a killed run
-resumes with the missing ones.
+latent, caption states) and writes that shard's rows as one Parquet part, atomically. The driver sees
+one small result per shard (name, rows, bytes, checksum), never a row, so its work and memory do not
+grow with the data. Parts are named by input shard, so a killed run resumes with the missing ones.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections import defaultdict
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -21,10 +20,9 @@ from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig
 from ldm.io import storage
-from ldm.io.latents import part_bytes
 from ldm.io.manifest import StageError, root_cause
 from ldm.io.shards import ShardError
-from ldm.ray_cluster import ensure_ray
+from ldm.ray_cluster import actor_pool, ensure_ray
 from ldm.stage import StageRun, content_id
 
 STAGE = "precompute"
@@ -75,10 +73,9 @@ def precompute(run: StageRun) -> dict:
     text_dim, context_length, empty = encoder.token_width, encoder.context_length, _empty_prompt(encoder)
     scale = float(vae.config.scaling_factor)
     del vae, encoder  # the actors load their own copies
-    for name in [n for n in todo if expected[n] == 0]:  # nothing flows through Ray for an empty shard
-        storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), part_bytes([], shape, text_dim))
-    todo = [n for n in todo if expected[n] > 0]
-    written = _run_pipeline(cfg, workdir.filtered_shards, todo, expected, parts_url, shape, text_dim, scale, resources)
+    part = {"url": parts_url, "shape": list(shape), "text_dim": text_dim, "scale_factor": scale,
+            "latent_is_sample": cfg.precompute.latent == "sample"}  # fmt: skip
+    written = _run_pipeline(cfg, workdir.filtered_shards, {n: expected[n] for n in todo}, part)
     parts = storage.listdir(parts_url, "*.parquet")
     rows = sum(expected.values())
     return dict(
@@ -119,53 +116,51 @@ def _cluster(resources: dict) -> dict:
     }
 
 
-def _run_pipeline(cfg, shards_url, todo, expected, parts_url, shape, text_dim, scale, resources) -> int:
-    """Stream the shards through Ray Data; write each shard's part as soon as all its rows arrived."""
+def _run_pipeline(cfg, shards_url: str, todo: dict[str, int], part: dict) -> int:
+    """Stream the shards through the encoder actors, which write the parts; returns the rows written."""
     import ray
 
     if not todo:
         return 0
-    pc, gpu = cfg.precompute, cfg.compute.use_gpu
-    if gpu:  # half precision and channels-last inside the actors
-        actors, res = pc.actors or max(1, int(resources.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
-    else:
-        # On CPUs the VAE is ~90% of a row's work (64 px: 157 images/s per core vs 1,860 for the text tower
-        # and ~6,000 for the decode), so one encoder actor per core, one torch thread each (that scales
-        # better than intra-op threads).
-        actors, res = pc.actors or int(resources.get("CPU", 1)), {"num_cpus": 1}
-    items = [{"name": n, "url": storage.join(shards_url, f"{n}.tar")} for n in todo]
+    pc = cfg.precompute
+    # On CPUs the VAE is ~90% of a row's work (64 px: 157 images/s per core vs 1,860 for the text tower and
+    # ~6,000 for the decode), so one encoder actor per core, one torch thread each (that scales better than
+    # intra-op threads); on GPUs one per GPU, half precision and channels-last inside the actors.
+    actors, res = actor_pool(cfg, pc.actors, len(todo))
+    items = [{"name": n, "url": storage.join(shards_url, f"{n}.tar"), "rows": r} for n, r in todo.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardEncoder, fn_constructor_args=(cfg.model_dump(mode="json"), pc.latent, cfg.seed), batch_size=1,
+        ShardEncoder, fn_constructor_args=(cfg.model_dump(mode="json"), pc.latent, cfg.seed, part), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2), **res,
     )  # fmt: skip
-    # Rows reach the driver in shard order, so it holds at most the one shard it is assembling (plus
-    # the batch in hand), whatever the row count: unordered, every shard in flight could be partly here.
-    ds.context.execution_options.preserve_order = True
-    pending: dict[str, list[dict]] = defaultdict(list)
     written = 0
     try:
-        written = _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending)
+        for result in ds.iter_rows():  # one row per shard, as each part is written
+            written += int(result["rows"])
     except Exception as e:  # an actor's error arrives wrapped (RayTaskError, UserCodeException): name the cause
-        cause = root_cause(e)
-        if isinstance(cause, ShardError):
-            what = f"unreadable filtered shard {cause}"
-            raise StageError(f"precompute: {what}; rerun the filter stage with --overwrite") from e
-        found = re.search(r"precompute: filtered shard .*? has no .*", str(e))  # a row refused inside an actor
-        if found:
-            raise StageError(found.group(0)) from None
-        if isinstance(cause, StageError | UnidentifiedImageError):
-            raise StageError(f"precompute: {' '.join(str(cause).split())}") from e
-        # The cause's chain does not survive Ray's pickling; its "ShardError: ..." line does, in the text.
-        found = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("ldm.io.shards.ShardError: ")]
-        if found:
-            what = found[-1].removeprefix("ldm.io.shards.ShardError: ")
-            raise StageError(
-                f"precompute: unreadable filtered shard {what}; rerun the filter stage with --overwrite"
-            ) from e
-        raise
-    if pending:
-        raise StageError(f"precompute lost rows for shards {sorted(pending)}; rerun to redo them")
+        raise _stage_error(e) from e
+    missing = sorted(set(todo) - {u.rsplit("/", 1)[1].removesuffix(".parquet") for u in storage.listdir(
+        part["url"], "*.parquet")})  # fmt: skip
+    if missing:
+        raise StageError(f"precompute lost parts for shards {missing}; rerun to redo them")
     return written
+
+
+def _stage_error(e: Exception) -> Exception:
+    """An actor's failure as the stage's one-line error where it is one the user can act on, else itself."""
+    cause = root_cause(e)
+    if isinstance(cause, ShardError):
+        return StageError(f"precompute: unreadable filtered shard {cause}; rerun the filter stage with --overwrite")
+    found = re.search(r"precompute: filtered shard .*? (has no|holds) .*", str(e))  # a row refused inside an actor
+    if found:
+        return StageError(found.group(0))
+    if isinstance(cause, StageError | UnidentifiedImageError):
+        return StageError(f"precompute: {' '.join(str(cause).split())}")
+    # The cause's chain does not survive Ray's pickling; its "ShardError: ..." line does, in the text.
+    found = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("ldm.io.shards.ShardError: ")]
+    if found:
+        what = found[-1].removeprefix("ldm.io.shards.ShardError: ")
+        return StageError(f"precompute: unreadable filtered shard {what}; rerun the filter stage with --overwrite")
+    return e
 
 
 def _check_tar_end(url: str) -> None:
@@ -182,21 +177,3 @@ def _check_tar_end(url: str) -> None:
             f"precompute: filtered shard {url} is truncated ({size} bytes, no end-of-archive marker); "
             "rerun the filter stage with --overwrite"
         )
-
-
-def _write_parts(ds, cfg, expected, parts_url, shape, text_dim, scale, pending) -> int:
-    """Drain the dataset; write each shard's part as soon as all its rows arrived. Returns rows written."""
-    written = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch["key"])
-        for i in range(n):
-            row = {k: batch[k][i] for k in ("shard", "key", "latent", "text_emb", "text_len", "caption",
-                                            "aesthetic", "similarity")}  # fmt: skip
-            row.update(scale_factor=scale, latent_is_sample=cfg.precompute.latent == "sample")
-            row["text_len"] = int(row["text_len"])
-            pending[str(row["shard"])].append(row)
-        for name in [k for k, rows in pending.items() if len(rows) == expected[k]]:
-            data = part_bytes(pending.pop(name), shape, text_dim)
-            storage.write_bytes_atomic(storage.join(parts_url, f"{name}.parquet"), data)
-            written += expected[name]
-    return written

@@ -23,16 +23,6 @@ from ldm.io.shards import iter_samples
 from tests.helpers import free_port, make_config
 
 
-@pytest.fixture(scope="session")
-def latents(components):
-    """train-vae and precompute on the components' work directory: (config, precompute manifest)."""
-    from flows.registry import run as run_stage
-
-    cfg, _ = components
-    run_stage("train-vae", cfg)
-    return cfg, run_stage("precompute", cfg)
-
-
 def _parts(workdir) -> list[Path]:
     return sorted((Path(workdir) / "latents" / "parts").glob("*.parquet"))
 
