@@ -1,7 +1,10 @@
-"""Filter throughput: the stage's batched shard scoring against a naive one-image-at-a-time loop.
+"""Filter throughput: the stage (Ray Data, a pool of scorer actors) against the one-process shard loop it
+replaced, and both against a naive one-image-at-a-time loop.
 
-Both read the same raw shards, decode, score with the same CLIP and aesthetic MLP, apply the same
-thresholds and write the kept samples; runs alternate so machine noise hits both alike.
+All read the same raw shards, decode, score with the same CLIP and aesthetic MLP, apply the same
+thresholds and write the same outputs; runs alternate so machine noise hits them alike. The loop is
+the stage as it was before it ran on Ray (batched, torch's default threads, in this process); the Ray
+cluster is started before timing, as on a real cluster, and each Ray run includes its actors' start-up.
 Needs a work directory where ingest, train-clip and train-aesthetic have run (e.g. after `make demo`).
 
     .venv/bin/python bench/filter.py --workdir work/local [--shards 4] [--repeats 3]
@@ -16,13 +19,15 @@ import tempfile
 import time
 
 import torch
+from _common import cpu_name
 
-from data_prep.filter import Scorer, drop_reason, filter_shard
+from data_prep.filter import Scorer, drop_reason, filter_shard, score_shards
 from ldm.aesthetic.stage import load_scorer
 from ldm.clip.encoder import load_encoder
 from ldm.config import load_config
 from ldm.io import storage
 from ldm.io.shards import decode_rgb, read_shard, shard_urls, write_shard
+from ldm.ray_cluster import ensure_ray
 
 
 @torch.no_grad()
@@ -34,7 +39,7 @@ def naive_filter_shard(tar_url: str, out: str, encoder, mlp, cfg) -> int:
         img = encoder.encode_images(decode_rgb(s["jpg"], cfg.ingest.resolution)[None])
         txt = encoder.encode_text([s["txt"]])
         a, c = float(mlp(img)[0]), float((img * txt).sum())
-        if drop_reason(s["json"], a, c, cfg.filter) is None:
+        if drop_reason(a, c, cfg.filter) is None:
             kept.append({**s, "json": {**s["json"], "aesthetic": a, "similarity": c}})
     write_shard(storage.join(out, tar_url.rsplit("/", 1)[1]), kept)
     return len(samples)
@@ -54,7 +59,8 @@ def main() -> None:
     mlp = load_scorer(cfg, encoder.embed_dim)
     scorer = Scorer(encoder, mlp, cfg.ingest.resolution, cfg.filter.batch_size)
     shards = shard_urls(storage.join(storage.normalize(cfg.workdir), "raw", "shards"))[: a.shards]
-    results: dict[str, list[float]] = {"naive loop": [], "filter stage": []}
+    results: dict[str, list[float]] = {"naive loop": [], "shard loop": [], "ray data stage": []}
+    ensure_ray(cfg)
     with tempfile.TemporaryDirectory() as tmp:
 
         def naive(r: int) -> float:
@@ -62,22 +68,31 @@ def main() -> None:
             n = sum(naive_filter_shard(u, f"{tmp}/naive{r}", encoder, mlp, cfg) for u in shards)
             return n / (time.perf_counter() - t0)
 
-        def ours(r: int) -> float:
+        def loop(r: int) -> float:
             t0 = time.perf_counter()
-            n = sum(filter_shard(u, f"{tmp}/ours{r}", scorer, cfg.filter)["samples"] for u in shards)
+            n = sum(filter_shard(u, f"{tmp}/loop{r}", scorer, cfg.filter)["samples"] for u in shards)
             return n / (time.perf_counter() - t0)
 
-        naive(-1), ours(-1)  # warm-up
+        def ray_stage(r: int) -> float:
+            t0 = time.perf_counter()
+            score_shards(cfg, shards, f"{tmp}/ray{r}")
+            return samples / (time.perf_counter() - t0)
+
+        samples = sum(len(read_shard(u)) for u in shards)
+        naive(-1), loop(-1), ray_stage(-1)  # warm-up
         for r in range(a.repeats):
-            order = [("naive loop", naive), ("filter stage", ours)]
+            order = [("naive loop", naive), ("shard loop", loop), ("ray data stage", ray_stage)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 results[name].append(fn(r))
-    n = sum(len(read_shard(u)) for u in shards)
-    print(f"\n{n} samples in {len(shards)} shards, {os.cpu_count()} cores, batch {cfg.filter.batch_size} (images/s)")
+    print(
+        f"\n{samples} samples in {len(shards)} shards, {os.cpu_count()} cores, batch {cfg.filter.batch_size} (images/s)"
+    )
     for name, xs in results.items():
         print(f"  {name:<13} median {statistics.median(xs):8.1f}   runs {', '.join(f'{x:.1f}' for x in xs)}")
-    ratio = statistics.median(results["filter stage"]) / statistics.median(results["naive loop"])
-    print(f"  ratio stage/naive: {ratio:.2f}x")
+    med = {name: statistics.median(xs) for name, xs in results.items()}
+    print(f"  ratio ray data stage / shard loop: {med['ray data stage'] / med['shard loop']:.2f}x")
+    print(f"  ratio shard loop / naive: {med['shard loop'] / med['naive loop']:.2f}x")
+    print(f"  CPU: {cpu_name()}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Downloads that obey the URL policy on every hop and connect only to the addresses that were checked.
 
-img2dataset fetches each image with `urllib.request.urlopen` in worker processes it starts with the
-`spawn` method. Two holes follow from that if nothing is changed:
+img2dataset's `Downloader` fetches each image with `urllib.request.urlopen`, here inside the Ray task that
+downloads a shard (data_prep/ingest/cluster.py), on whichever node runs it. Two holes follow from that if
+nothing is changed:
 
 - redirects: urllib follows a 30x to any host, so a public URL answering `302 Location:
   http://169.254.169.254/...` would make the worker fetch the metadata service;
-- DNS rebinding: the guard resolves a name in the driver, urllib resolves it again when it connects,
+- DNS rebinding: the guard resolves a name while the list is prepared, urllib resolves it again when it connects,
   and a name whose answer changes in between (short TTL, attacker's DNS) reaches a private address.
 
 The fix works inside the worker, where the requests are made:
 
 - `GuardedDownloader` is img2dataset's `Downloader` plus the URL policy; it is pickled into each
-  spawned worker (so this module is imported there) and, before a shard is downloaded, installs a
-  process-wide urllib opener (`urllib.request.install_opener`, the documented hook `urlopen` uses);
+  Ray task (so this module is imported in the worker) and its `download` installs, before the shard
+  is downloaded, a process-wide urllib opener (`urllib.request.install_opener`, the documented hook
+  `urlopen` uses) with a fresh guard: each shard resolves its hosts anew, so a long-lived worker
+  never connects on an answer cached for hours;
 - the opener's HTTP(S) connections never resolve a name themselves: `UrlGuard.pinned` resolves it,
   checks every address against the policy and hands back exactly those addresses, and the socket is
   connected to one of them. The request keeps the original host name, so the Host header, TLS SNI
@@ -20,30 +23,28 @@ The fix works inside the worker, where the requests are made:
 - the opener's redirect handler checks each redirect target with the same guard and refuses a
   forbidden one (counted as `blocked_redirect`); an allowed target is fetched through the same
   pinned connections. A refusal at connect time (the worker's answer for a name fails the policy
-  although the driver's passed) is counted as `blocked_rebind`;
+  although the preparation's passed) is counted as `blocked_rebind`;
 - the opener has no proxy, FTP, file or data handlers: a proxy would resolve names itself (and
   environment proxy settings are ignored on purpose), the others are schemes the policy refuses.
-
-`guarded_downloads(policy)` swaps `img2dataset.main.Downloader` for the guarded one for the
-duration of one `download()` call: img2dataset builds its downloader there and offers no other hook.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.client
 import socket
 import ssl
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 from img2dataset.downloader import Downloader
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
 
+from data_prep.ingest.outcomes import OOM_SHARD_COUNT
 from data_prep.ingest.url_guard import UrlGuard
+from ldm.config import IngestConfig
 
 # Prefixes of the error messages below; data_prep/ingest/outcomes.py sorts them into outcomes.
 REFUSED = "url guard:"
@@ -130,15 +131,9 @@ def guarded_opener(guard: UrlGuard) -> urllib.request.OpenerDirector:
     return opener
 
 
-_installed: str | None = None  # the policy of the opener installed in this process
-
-
 def install(policy: str) -> None:
-    """Make every `urlopen` in this process go through a guarded opener for the policy."""
-    global _installed
-    if _installed != policy:
-        urllib.request.install_opener(guarded_opener(UrlGuard(policy)))
-        _installed = policy
+    """Make every `urlopen` in this process go through a guarded opener for the policy, with a fresh guard."""
+    urllib.request.install_opener(guarded_opener(UrlGuard(policy)))
 
 
 class GuardedDownloader(Downloader):
@@ -148,24 +143,25 @@ class GuardedDownloader(Downloader):
         super().__init__(*args, **kwargs)
         self.url_policy = url_policy
 
-    def __call__(self, row: Any) -> Any:
-        """Download one shard with the guarded opener installed in this (worker) process."""
+    def download(self, row: tuple[int, str]) -> None:
+        """Download one shard (id, Arrow file URL) with the guard installed; raise what stops the shard."""
         install(self.url_policy)
-        return super().__call__(row)
+        self.download_shard(row)  # not __call__, which prints an error and returns False: a task must fail
 
 
-@contextlib.contextmanager
-def guarded_downloads(policy: str) -> Iterator[None]:
-    """Within the block, img2dataset's `download()` builds a GuardedDownloader for the policy."""
-    import img2dataset  # noqa: F401 - loads img2dataset.main
+def make_downloader(ic: IngestConfig, extras: list[str]) -> GuardedDownloader:
+    """The downloader for the config, built as img2dataset's download() builds it for these arguments.
 
-    # sys.modules, not `import img2dataset.main`: the package's `main` attribute is a function.
-    img2dataset_main = sys.modules["img2dataset.main"]
-    original = img2dataset_main.Downloader
-    if original is not Downloader:  # an img2dataset that builds its downloader elsewhere would go unguarded
-        raise RuntimeError("img2dataset.main.Downloader is not img2dataset.downloader.Downloader; cannot guard")
-    img2dataset_main.Downloader = functools.partial(GuardedDownloader, url_policy=policy)
-    try:
-        yield
-    finally:
-        img2dataset_main.Downloader = original
+    Its output_folder is set per attempt by the task that runs it.
+    """
+    resizer = Resizer(
+        image_size=ic.resolution, resize_mode=ic.resize_mode, resize_only_if_bigger=False,
+        encode_quality=ic.encode_quality, encode_format="jpg", max_image_area=ic.max_image_area,
+    )  # fmt: skip
+    return GuardedDownloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=ic.threads, save_caption=True,
+        extract_exif=False, output_folder="", column_list=[*extras, "caption", "url"], timeout=ic.timeout_s,
+        number_sample_per_shard=ic.samples_per_shard, oom_shard_count=OOM_SHARD_COUNT, compute_hash="sha256",
+        verify_hash_type=None, encode_format="jpg", retries=ic.retries, user_agent_token=None,
+        disallowed_header_directives=["noai", "noimageai"], url_policy=ic.url_policy,
+    )  # fmt: skip

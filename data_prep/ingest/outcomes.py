@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from ldm.io import storage
+
+OOM_SHARD_COUNT = 5  # digits of a shard's name, as img2dataset is told: 00000.tar
 
 # (substring of img2dataset's error message, outcome); first match wins, checked in lower case.
 PATTERNS: tuple[tuple[str, str], ...] = (
@@ -13,7 +16,7 @@ PATTERNS: tuple[tuple[str, str], ...] = (
     ("url guard: redirect", "blocked_redirect"),
     ("redirection to url", "blocked_redirect"),  # urllib's own refusal of a redirect to file:// and the like
     ("url guard: unresolvable", "dns_error"),
-    ("url guard:", "blocked_rebind"),  # the worker's answer for a name failed the policy the driver's passed
+    ("url guard:", "blocked_rebind"),  # the download's answer for a name failed the policy the preparation's passed
     ("http error", "http_error"),
     ("timed out", "timeout"),
     ("timeout", "timeout"),
@@ -47,15 +50,16 @@ def classify(message: str) -> str:
     return "other_error"
 
 
-def read_shard_stats(shards_url: str) -> dict[str, dict]:
-    """Every finished shard's stats, by shard name (img2dataset writes `<shard>_stats.json` last)."""
+def read_shard_stats(shards_url: str, ids: list[int], threads: int = 32) -> dict[int, dict]:
+    """The stats of the shards with these ids, by id, read in parallel (`<shard>_stats.json`, written last)."""
     fs, path = storage.fs_for(shards_url)
-    out = {}
-    for p in sorted(fs.glob(f"{path}/*_stats.json")):
-        name = p.rsplit("/", 1)[-1].removesuffix("_stats.json")
-        with fs.open(p, "r") as f:
-            out[name] = json.load(f)
-    return out
+
+    def read(shard: int) -> dict:
+        with fs.open(f"{path}/{shard:0{OOM_SHARD_COUNT}d}_stats.json", "r") as f:
+            return json.load(f)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(zip(ids, pool.map(read, ids), strict=True))
 
 
 def tally(stats: dict[str, dict]) -> tuple[Counter, Counter]:

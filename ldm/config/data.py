@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ldm.config.base import KNOB, Section
 
@@ -44,11 +44,49 @@ class ParquetSource(Section):
 
 
 class Columns(Section):
-    """Maps the source parquet's column names onto what ingest needs; extras travel into each sample's JSON."""
+    """Maps the source parquet's column names onto what ingest needs; extras travel into each sample's JSON.
+
+    The metadata columns (width ... language) are read only where an `ingest.prefilter` threshold needs them;
+    the defaults are LAION's names (relaion2B-en has no AESTHETIC_SCORE or LANGUAGE; LAION-Aesthetics and
+    laion2B-multi have them).
+    """
 
     url: str = "URL"
     caption: str = "TEXT"
     extra: list[str] = ["WIDTH", "HEIGHT", "rating", "similarity", "pwatermark", "punsafe"]
+    width: str = Field("WIDTH", description="the original image's width, px")
+    height: str = Field("HEIGHT", description="the original image's height, px")
+    punsafe: str = Field("punsafe", description="probability the image is unsafe (LAION's NSFW detector)")
+    pwatermark: str = Field("pwatermark", description="probability the image carries a watermark")
+    similarity: str = Field("similarity", description="CLIP image-text cosine the list was built with")
+    aesthetic: str = Field("AESTHETIC_SCORE", description="LAION aesthetic predictor score, 0-10")
+    language: str = Field("LANGUAGE", description="caption language code (laion2B-multi)")
+
+
+class Prefilter(Section):
+    """Thresholds on the URL list's own metadata: rows failing one are dropped before any request is made.
+
+    None = no check. Each threshold needs its column (`ingest.columns`) in every input file, or ingest refuses
+    to start. Comparisons: a `_min` drops values below it, a `_max` values above it (a value equal to the
+    threshold is kept); `min_size` drops min(width, height) below it; `languages` keeps the codes it lists. A
+    null value passes (the list does not know it) and is counted in the manifest's `prefilter_unknown`.
+    """
+
+    min_size: int | None = Field(None, ge=0, description="minimum original short side, px (too_small)")
+    punsafe_max: float | None = Field(None, ge=0, le=1, description="unsafe")
+    pwatermark_max: float | None = Field(None, ge=0, le=1, description="watermark")
+    similarity_min: float | None = Field(None, ge=-1, le=1, description="low_similarity")
+    aesthetic_min: float | None = Field(None, ge=0, le=10, description="low_aesthetic")
+    languages: list[str] | None = Field(None, min_length=1, description="language codes kept (other_language)")
+    caption_min_chars: int | None = Field(None, ge=1, description="caption_too_short (after stripping spaces)")
+    caption_max_chars: int | None = Field(None, ge=1, description="caption_too_long")
+
+    @model_validator(mode="after")
+    def _caption_bounds(self) -> Prefilter:
+        lo, hi = self.caption_min_chars, self.caption_max_chars
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"caption_min_chars {lo} > caption_max_chars {hi}: every caption would be dropped")
+        return self
 
 
 class IngestConfig(Section):
@@ -57,12 +95,20 @@ class IngestConfig(Section):
     resolution: int = Field(64, ge=8, le=4096)
     resize_mode: Literal["center_crop", "keep_ratio", "border", "no"] = "center_crop"
     columns: Columns = Columns()
+    prefilter: Prefilter = Prefilter()
     url_policy: Literal["public", "loopback"] = Field(
         "public", description="public: only public unicast http(s) hosts; loopback: only 127.0.0.1"
     )
     samples_per_shard: int = Field(1000, ge=1)
-    processes: int = Field(1, ge=1, json_schema_extra=KNOB)
-    threads: int = Field(16, ge=1, json_schema_extra=KNOB)
+    processes: int = Field(
+        1, ge=1, description="shards downloading at once (Ray tasks of 1 CPU each, over the cluster)",
+        json_schema_extra=KNOB,
+    )  # fmt: skip
+    threads: int = Field(16, ge=1, description="download threads per shard", json_schema_extra=KNOB)
+    shard_retries: int = Field(
+        3, ge=0, le=20, description="tries again for a shard whose task failed or whose node died",
+        json_schema_extra=KNOB,
+    )  # fmt: skip
     # Which rows succeed is decided by the network, not reproducibly by these two: a rerun with the same
     # values gets other transient failures. Each shard's outcomes are counted in its stats, so they are knobs
     # (raising the timeout to finish a resume must not throw finished shards away).
@@ -73,14 +119,18 @@ class IngestConfig(Section):
 
 
 class FilterConfig(Section):
-    """Which raw samples reach W/filtered/: thresholds on the scores."""
+    """Which raw samples reach W/filtered/: thresholds on the scores only the images give (CLIP on the pixels).
+
+    What the URL list's metadata decides (size, punsafe, pwatermark, the list's own similarity and
+    aesthetic columns) is ingest.prefilter's: those rows are dropped before any download.
+    """
 
     aesthetic_min: float = Field(5.0, ge=0, le=10)
     similarity_min: float = Field(0.0, ge=-1, le=1, description="CLIP image-text cosine; LAION-2B used 0.28 (B/32)")
-    min_size: int = Field(0, ge=0, description="minimum original short side, px")
-    pwatermark_max: float = Field(0.8, ge=0, le=1)
-    punsafe_max: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(256, ge=1, json_schema_extra=KNOB)  # scores equal up to float rounding
+    actors: int | None = Field(
+        None, ge=1, description="scorer actors; None = one per CPU core (per GPU on GPUs)", json_schema_extra=KNOB
+    )
 
 
 class PrecomputeConfig(Section):

@@ -107,7 +107,8 @@ def serve_http(address: str, hits: list) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            hits.append({"server": address, "path": self.path, "host": self.headers.get("Host")})
+            hits.append({"server": address, "path": self.path, "host": self.headers.get("Host"),
+                         "agent": self.headers.get("User-Agent", "")})  # fmt: skip
             target = REDIRECTS.get(self.path) if address == PUBLIC else None
             if target:
                 self.send_response(302)

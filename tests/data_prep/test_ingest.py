@@ -184,6 +184,42 @@ def test_real_laion_columns_are_mapped_and_carried_through(tmp_path, ingested):
     assert by_caption["three"]["punsafe"] == 0.5
 
 
+def test_duplicates_across_files_are_dropped_in_list_order_and_shards_numbered_on(tmp_path, ingested, monkeypatch):
+    """Three files, URLs repeated within and across them, deduplicated over several digest partitions.
+
+    Bugs caught: the cross-file duplicate check done per file only (b's copy of a's URL downloaded twice); a later
+    copy kept instead of the first in list order (files sorted, then rows); duplicates counted once per partition
+    or not at all; shard ids restarting at 0 in each file, or a file's last short shard merged into the next file's
+    (img2dataset numbers them on, each file's shards its own)."""
+    from data_prep.ingest import cluster
+    from data_prep.sources import serve_synthetic
+
+    monkeypatch.setattr(cluster, "PARTITION_ROWS", 4)  # this 11-row list gets 3 digest partitions
+    cfg0, _ = ingested
+    folder = tmp_path / "urls"
+    folder.mkdir()
+    lists = {"a.parquet": [0, 1, 2, 1], "b.parquet": [3, 0, 4], "c.parquet": [5, 4, 6, 7]}  # image ids, in file order
+    with serve_synthetic(cfg0.source, slow_s=2) as base:
+        for name, ids in lists.items():
+            _parquet(folder / name, URL=[f"{base}/img/{i}.jpg" for i in ids],
+                     TEXT=[f"{name} row {k}" for k in range(len(ids))])  # fmt: skip
+        cfg = make_config(tmp_path / "w", "source.kind=parquet", f"source.paths=[{folder}]",
+                          "ingest.samples_per_shard=2")  # fmt: skip
+        manifest = run_stage("ingest", cfg)
+    seen: set[int] = set()
+    kept: list[tuple[str, int]] = []
+    for name, ids in lists.items():  # the recount: one pass in list order, the first copy wins
+        kept += [(name, k) for k, i in enumerate(ids) if not (i in seen or seen.add(i))]
+    duplicates = sum(len(ids) for ids in lists.values()) - len(kept)
+    assert manifest["counts"] == {"duplicate_url": duplicates, "success": len(kept)}
+    assert sorted(s["txt"] for s in raw_samples(str(tmp_path / "w"))) == sorted(f"{n} row {k}" for n, k in kept)
+    per_file = [sum(1 for n, _ in kept if n == name) for name in lists]  # 3, 1, 3 rows -> shards of 2,1 | 1 | 2,1
+    shard_rows = [r for rows in per_file for r in [2] * (rows // 2) + [rows % 2] * (rows % 2)]
+    assert [(s["name"], s["rows"]) for s in manifest["shards"]] == [
+        (f"{i:05d}.tar", r) for i, r in enumerate(shard_rows)
+    ]
+
+
 def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
     ref_cfg, ref = ingested
     overrides = ["--set", "source.delay_ms=150", "--set", "ingest.threads=2", "--set", "ingest.samples_per_shard=20"]
@@ -206,7 +242,9 @@ def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
         assert proc.poll() is None, "ingest finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the stage, its img2dataset workers and the source server
+    # The stage, its local Ray cluster and the source server. Ray's workers run in process groups of their own and
+    # notice their raylet's death within a second: an attempt they finish then must not be published.
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*_stats.json")}
     assert not (tmp_path / "raw" / "manifest.json").exists()
@@ -223,14 +261,22 @@ def test_a_killed_ingest_resumes_only_missing_shards(tmp_path, ingested):
 
 
 def test_ingest_writes_to_s3(s3_bucket):
-    workdir = f"{s3_bucket}/w"
-    cfg = make_config(workdir, "source.num_samples=30", "source.broken.slow_response=0")
-    manifest = run_stage("ingest", cfg)
-    assert manifest["counts"]["success"] == 30
-    assert storage.read_json(f"{workdir}/raw/manifest.json")["counts"] == manifest["counts"]
-    samples = raw_samples(workdir)
-    assert len(samples) == 30 and all(s["txt"] for s in samples)
-    assert run_stage("ingest", cfg)["finished"] == manifest["finished"]  # up to date on s3 too
+    import ray
+
+    ray.shutdown()  # the Ray workers must start with the moto endpoint in their environment
+    try:
+        workdir = f"{s3_bucket}/w"
+        cfg = make_config(workdir, "source.num_samples=30", "source.broken.slow_response=0")
+        manifest = run_stage("ingest", cfg)
+        assert manifest["counts"]["success"] == 30
+        assert storage.read_json(f"{workdir}/raw/manifest.json")["counts"] == manifest["counts"]
+        samples = raw_samples(workdir)
+        assert len(samples) == 30 and all(s["txt"] for s in samples)
+        assert run_stage("ingest", cfg)["finished"] == manifest["finished"]  # up to date on s3 too
+        fs, path = storage.fs_for(f"{workdir}/raw")
+        assert not [p for p in fs.find(path) if "/_tmp/" in p or "/_attempts/" in p or "/_prepared/" in p]
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.parametrize(
