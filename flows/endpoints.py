@@ -15,7 +15,7 @@ from ldm.config import PipelineConfig
 from ldm.io import storage
 from ldm.io.manifest import StageError
 
-RAY_STAGES = ("precompute", "train", "evaluate")  # the stages that run on a Ray cluster
+RAY_STAGES = ("ingest", "filter", "precompute", "train", "evaluate")  # the stages that run on a Ray cluster
 DASHBOARD_PORT = 8265  # Ray's default; an address given as host:port (GCS) or ray://host:port maps to it
 
 

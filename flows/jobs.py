@@ -20,14 +20,16 @@ from ldm.stage import Workdir
 
 ACTIVE = ("PENDING", "RUNNING")
 POLL_S = 2.0
+AGENT_WAIT_S = 120.0  # how long a submission waits for the head's job agent
 
 
 def entrypoint(name: str, profile: str, overrides: list[str], workdir: str | None, flags: list[str]) -> str:
     """The shell command the job runs: the stage's direct path with this flow run's config.
 
-    RAY_ADDRESS=auto: the stage joins the cluster the job runs on (with no address it would start its own).
+    No RAY_ADDRESS here: Ray's job manager sets it for the entrypoint, so the stage joins the cluster the
+    job runs on; overriding it with `auto` lost Ray Data's actors on a multi-node cluster (FIELD-NOTES).
     """
-    args = ["env", "RAY_ADDRESS=auto", "python", "-m", "flows.cli", "stage", name, "--profile", profile, *flags]
+    args = ["python", "-m", "flows.cli", "stage", name, "--profile", profile, *flags]
     if workdir:
         args += ["--workdir", workdir]
     for item in overrides:
@@ -77,9 +79,11 @@ def run_job(
     else:
         # Named by stage and flow run so the dashboard's job list reads as the pipeline; time keeps retries apart.
         sid = f"ldm-{name}-{flow_run[:8]}-{int(time.time())}"
-        client.submit_job(
-            entrypoint=command, submission_id=sid, metadata=metadata, runtime_env=runtime_env(cfg) or None
-        )
+        # The driver asks for CPUs, so Ray places it on a worker node: on a head with 0 CPUs (KubeRay's
+        # prod shape) an entrypoint that asks for nothing runs on the head, beside the GCS and dashboard.
+        _submit(client, entrypoint=command, submission_id=sid, metadata=metadata,
+                runtime_env=runtime_env(cfg) or None, entrypoint_num_cpus=cfg.compute.job_cpus,
+                entrypoint_resources=cfg.compute.job_resources or None)  # fmt: skip
         log(f"{name}: submitted Ray job {sid}: {job_url(address, sid)}")
     shown = 0
     while True:
@@ -95,6 +99,19 @@ def run_job(
         info = client.get_job_info(sid)
         raise StageError(f"{name}: Ray job {sid} {status.lower()}: {_error_line(text) or info.message}")
     return sid
+
+
+def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> None:
+    """Submit, waiting out a head that is up but has no job agent yet (a restarted head: seconds to a minute)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
 
 
 def _error_line(logs: str) -> str:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ldm.config.base import Section
+from ldm.config.base import KNOB, Section
 
 
 class TrackingConfig(Section):
@@ -22,6 +22,19 @@ class ComputeConfig(Section):
     use_gpu: bool = False
     num_workers: int = Field(2, ge=1)
     ray_address: str | None = Field(None, description="existing Ray cluster; None = start a local one")
+    job_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each stage's Ray job driver asks for: a driver holding some is never placed on a head "
+        "with 0 CPUs; its stage's actors and tasks ask for their own CPUs or GPUs",
+        json_schema_extra=KNOB,
+    )
+    job_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each stage's job driver asks for, to pin drivers to a node group "
+        "(e.g. {cpu_pool: 0.01}); its stage's actors and tasks are not bound by it",
+        json_schema_extra=KNOB,
+    )
     forward_env: list[str] = Field(
         default_factory=list,
         description="names of environment variables sent to a remote Ray cluster (opt-in: none by default; "

@@ -86,6 +86,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": tmp})
     try:  # a failing add_node or init must not leave the head's processes running
         c.add_node(num_cpus=1)
+        ray.shutdown()  # a local Ray an earlier in-process stage (ingest, filter) left in this process
         ray.init(address=c.address, log_to_driver=False)
         yield c
     finally:
