@@ -49,7 +49,9 @@ def ensure_ray(cfg: PipelineConfig, object_store_mb: int = 512) -> dict:
         address = os.environ.get("RAY_ADDRESS") or cfg.compute.ray_address
         if address:
             check_reachable(address)
-            env = runtime_env(cfg)
+            # Inside a Ray job the job's runtime_env already holds what compute.forward_env sent (flows.jobs);
+            # a second one for the same variables is refused by Ray as a conflict.
+            env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else runtime_env(cfg)
             if env:  # names only: the values stay out of logs
                 print(f"ray: sending {', '.join(sorted(env['env_vars']))} to the cluster (compute.forward_env)")
             ray.init(address=address, runtime_env=env or None, log_to_driver=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import warnings
 
@@ -52,6 +53,11 @@ def score_shards(cfg, todo: list[str], shards_out: str) -> list[str]:
         cause = root_cause(e, stop=(StageError,))
         if isinstance(cause, StageError):
             raise StageError(" ".join(str(cause).split())) from e
+        # The cause's type does not always survive Ray's pickling; the stage's own message does, in the text.
+        found = re.search(r"filter: sample .*? has no decodable jpg .*?; remove the shard or rerun the ingest stage "
+                          r"with --overwrite", " ".join(str(e).split()))  # fmt: skip
+        if found:
+            raise StageError(found.group(0)) from e
         raise
     finally:
         bar.close()

@@ -33,6 +33,9 @@ THRESHOLDS = [
     "ingest.prefilter.languages=[en]",
     "ingest.prefilter.caption_min_chars=3",
     "ingest.prefilter.caption_max_chars=40",
+    # A knob: the test profile's 1 s fails loopback downloads when the suite loads both cores (a kept row
+    # counted as a timeout instead of a success); these tests count outcomes exactly.
+    "ingest.timeout_s=30",
 ]
 F32 = np.float32
 
@@ -159,7 +162,7 @@ def test_thresholds_read_the_columns_ingest_columns_names(tmp_path, recorder):
     cfg = make_config(
         tmp_path / "w", "source.kind=parquet", f"source.paths=[{tmp_path / 'list.parquet'}]",
         "ingest.columns.aesthetic=aesthetic", "ingest.columns.punsafe=p_unsafe",
-        "ingest.prefilter.aesthetic_min=5", "ingest.prefilter.punsafe_max=0.5",
+        "ingest.prefilter.aesthetic_min=5", "ingest.prefilter.punsafe_max=0.5", "ingest.timeout_s=30",
     )  # fmt: skip
     assert run_stage("ingest", cfg)["counts"] == {"low_aesthetic": 1, "unsafe": 1, "success": 1}
     assert seen == ["/r1.jpg"]

@@ -93,6 +93,7 @@ def _latents(workdir: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+@pytest.mark.timeout(1800)  # with its fixtures (ingest, train-clip, filter, train-vae, precompute in-process)
 def test_data_stages_run_on_both_worker_nodes_never_the_head_and_match_the_in_process_run(
     prod_cluster, latents, tmp_path
 ):
@@ -106,11 +107,10 @@ def test_data_stages_run_on_both_worker_nodes_never_the_head_and_match_the_in_pr
     shutil.copytree(src / "raw", w / "raw")
     shutil.copytree(src / "models", w / "models")  # the tiny CLIP, aesthetic MLP and VAE the fixture trained
     jcfg = make_config(w)
-    client_logs: list[str] = []
     placed = {}
     for stage, actor_class in (("filter", "ShardFilter"), ("precompute", "ShardEncoder")):
         command = jobs.entrypoint(stage, "test", [], str(w), [])
-        sid = jobs.run_job(url, stage, jcfg, command, "prod-shaped", client_logs.append)
+        sid = jobs.run_job(url, stage, jcfg, command, "prod-shaped", print)  # the job's log, shown on failure
         placed[stage] = _placement(url, sid, actor_class)
     for stage, (nodes, driver) in placed.items():
         assert nodes == set(workers.values()), (stage, nodes, workers, head)
@@ -128,6 +128,7 @@ def test_data_stages_run_on_both_worker_nodes_never_the_head_and_match_the_in_pr
     assert storage.read_json(str(w / "latents" / "manifest.json"))["rows"] == precomputed["rows"]
 
 
+@pytest.mark.timeout(1800)
 def test_a_worker_node_killed_mid_filter_loses_nothing_and_writes_nothing_twice(prod_cluster, components, tmp_path):
     """SIGKILL of every process of the worker node scoring a shard, between that shard's tar and scores writes.
 
@@ -154,7 +155,7 @@ def test_a_worker_node_killed_mid_filter_loses_nothing_and_writes_nothing_twice(
     def run() -> None:
         try:
             command = jobs.entrypoint("filter", "test", overrides, str(w), [])
-            outcome["sid"] = jobs.run_job(url, "filter", make_config(w, *overrides), command, "kill", lambda _: None)
+            outcome["sid"] = jobs.run_job(url, "filter", make_config(w, *overrides), command, "kill", print)
         except Exception as e:  # the assertion below shows it
             outcome["error"] = e
 
