@@ -151,7 +151,7 @@ def _world(tmp: Path) -> dict:
     rows = []
     rng = np.random.default_rng(0)
     for i in range(GOOD + SMALL + WATERMARK + UNSAFE):
-        side = 128 if i < SMALL else 256  # prod's filter.min_size is 256
+        side = 128 if i < SMALL else 256  # prod's ingest.prefilter.min_size is 256
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="JPEG")
         (images / f"{i}.jpg").write_bytes(buf.getvalue())

@@ -46,7 +46,7 @@ def test_prod_profile_is_laion_scale_with_local_weights():
     assert PurePosixPath(cfg.vae.path).suffix == "" and cfg.vae.downsample == 8  # diffusers folder, SD's f=8
     assert {"similarity", "pwatermark", "punsafe"} <= set(cfg.ingest.columns.extra)
     assert cfg.ingest.resolution == 256 and cfg.unet.size == "sd2-base" and cfg.compute.num_workers > 2
-    assert cfg.filter.min_size == cfg.ingest.resolution  # upscaled thumbnails would be trained on otherwise
+    assert cfg.ingest.prefilter.min_size == cfg.ingest.resolution  # upscaled thumbnails would be trained on otherwise
     test = load_config("test")
     assert cfg.ingest.processes > test.ingest.processes and cfg.ingest.samples_per_shard >= 1000
 
