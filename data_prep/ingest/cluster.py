@@ -159,7 +159,8 @@ def _download(downloader: GuardedDownloader, shard: int, arrow_url: str, shards_
     _, shards_path = storage.fs_for(shards_url)
     for suffix in (".tar", ".parquet", "_stats.json"):  # the stats file last: it marks the shard finished
         fs.mv(f"{attempt_path}/{name}{suffix}", f"{shards_path}/{name}{suffix}")
-    fs.rm(attempt_path, recursive=True)
+    with contextlib.suppress(FileNotFoundError):  # on S3 a prefix whose objects all moved no longer exists
+        fs.rm(attempt_path, recursive=True)
     return {"shard": shard, "stats": storage.read_json(stats_url), "log": chatter.getvalue()[-LOG_CHARS:], "node": node}
 
 
