@@ -151,11 +151,13 @@ def _check_mlflow(uri: str) -> None:
 
 
 def _check_ray_jobs(dashboard: str, token: str) -> None:
-    """The dashboard's job API (token auth) lists precompute, train and evaluate, each SUCCEEDED."""
+    """The dashboard's job API (token auth) lists every Ray stage (ingest to evaluate, not the trainers of
+    CLIP, MLP and VAE), each SUCCEEDED."""
     req = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         jobs = json.loads(r.read())
     by_stage = {j["metadata"].get("ldm_stage"): j for j in jobs if j.get("metadata")}
-    assert set(by_stage) == {"precompute", "train", "evaluate"}, [j.get("submission_id") for j in jobs]
+    expected = {"ingest", "filter", "precompute", "train", "evaluate"}
+    assert set(by_stage) == expected, [j.get("submission_id") for j in jobs]
     for name, job in by_stage.items():
         assert job["status"] == "SUCCEEDED" and job["submission_id"].startswith(f"ldm-{name}-")
