@@ -23,10 +23,10 @@ class ComputeConfig(Section):
     num_workers: int = Field(2, ge=1)
     ray_address: str | None = Field(None, description="existing Ray cluster; None = start a local one")
     job_cpus: float = Field(
-        1.0,
-        gt=0,
-        description="CPUs each stage's Ray job driver asks for: a driver holding some is never placed on a head "
-        "with 0 CPUs; its stage's actors and tasks ask for their own CPUs or GPUs",
+        0.0,
+        ge=0,
+        description="CPUs each stage's Ray job driver asks for; > 0 keeps drivers off a head with 0 CPUs (prod); "
+        "0 on a one-node cluster, where a driver holding a CPU would leave Ray Train's workers one short",
         json_schema_extra=KNOB,
     )
     job_resources: dict[str, float] = Field(
