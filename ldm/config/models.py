@@ -231,6 +231,14 @@ class EvaluateConfig(Section):
     )
     # Not a knob: each batch of prompts draws its noise from one generator, so the batch size shapes the images.
     batch_size: int = Field(64, ge=1)
+    # A knob (ldm.config.base.KNOB: not part of the stage's identity): every batch's noise and sampler are
+    # its own, so the numbers do not depend on how many actors share the batches.
+    actors: int | None = Field(
+        None,
+        ge=1,
+        description="sweep actors (1 GPU each, or 1 CPU); None: one per GPU (or CPU) of the cluster",
+        json_schema_extra={"identity": False},
+    )
     best_rule: Literal["fd", "fd_clip_floor"] = Field(
         "fd_clip_floor",
         description="fd: lowest FD; fd_clip_floor: lowest FD of the points with clip_score >= clip_floor",

@@ -50,11 +50,14 @@ def clip_weights_hash(cfg: PipelineConfig) -> str:
     return "train-clip:" + storage.read_json(url)["config_hash"]
 
 
-def clip_extractor(cfg: PipelineConfig, encoder=None) -> Extractor:
-    """FD in the configured CLIP's image-embedding space (the embedded default's extractor)."""
+def clip_extractor(cfg: PipelineConfig, encoder=None, device: str = "cpu") -> Extractor:
+    """FD in the configured CLIP's image-embedding space (the embedded default's extractor); a given encoder
+    stays where it is, a loaded one goes to `device`."""
     from ldm.clip.encoder import load_encoder
 
     enc = encoder if encoder is not None else load_encoder(cfg)
+    if encoder is None:
+        enc.model.to(device)
     return Extractor("clip", clip_weights_hash(cfg), enc.embed_dim, enc.encode_images, cfg.evaluate.batch_size)
 
 
@@ -95,13 +98,13 @@ def load_inception(path: Path) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def inception_extractor(cfg: PipelineConfig, encoder=None) -> Extractor:
-    """FD in InceptionV3 pool3 space (the standard FID), weights from evaluate.inception_weights."""
+def inception_extractor(cfg: PipelineConfig, encoder=None, device: str = "cpu") -> Extractor:
+    """FD in InceptionV3 pool3 space (the standard FID), weights from evaluate.inception_weights, on `device`."""
     path = inception_path(cfg)
-    net = load_inception(path)
+    net = load_inception(path).to(device)
 
     def fn(images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.as_tensor(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         return net(2 * x - 1)  # pytorch-fid's normalize_input: [0, 1] -> [-1, 1]
 
@@ -117,6 +120,14 @@ def check_extractor(cfg: PipelineConfig) -> None:
         inception_path(cfg)
 
 
-def make_extractor(cfg: PipelineConfig, encoder=None) -> Extractor:
-    """The configured extractor (evaluate.extractor) from the registry."""
-    return EXTRACTORS[cfg.evaluate.extractor](cfg, encoder)
+def make_extractor(cfg: PipelineConfig, encoder=None, device: str = "cpu") -> Extractor:
+    """The configured extractor (evaluate.extractor) from the registry, on `device`."""
+    return EXTRACTORS[cfg.evaluate.extractor](cfg, encoder, device)
+
+
+def extractor_identity(cfg: PipelineConfig) -> tuple[str, str]:
+    """(name, weights hash) of the configured extractor, as make_extractor's Extractor names them, without
+    loading it: the driver keys sweep points by them while the actors hold the models."""
+    if cfg.evaluate.extractor == "inception":
+        return "inception", content_id(str(inception_path(cfg)))
+    return "clip", clip_weights_hash(cfg)
