@@ -1,8 +1,10 @@
-"""`ldm plan`: what a profile would run, with what, and roughly how many GPU-hours, touching nothing.
+"""`ldm plan`: what a profile would run, with what, and roughly how many hours, touching nothing.
 
 Reads only the config and the stage registry: no file, bucket, Ray cluster or MLflow server is opened, and
-neither torch nor ray is imported. GPU-hours come from the throughput table below, each figure with its
-source; a stage without a recorded GPU figure says so rather than guess.
+neither torch nor ray is imported. On a GPU profile it prices ingest, filter, precompute, train and evaluate
+at the source's row count: rows / (throughput per node or GPU) = node- or GPU-hours, then hours on the nodes
+or GPUs the profile gives the stage. Each throughput comes from the table below with its source, measured
+here or published (and labelled so); a stage without a figure says so rather than guess.
 """
 
 from __future__ import annotations
@@ -10,25 +12,39 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flows.endpoints import RAY_STAGES
 from flows.registry import STAGES
 from ldm.config import PipelineConfig
-from ldm.stage import Stage, Workdir, resolve
+from ldm.stage import Workdir, resolve
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """A recorded images/s per GPU for one stage, valid where the config matches `when` (dotted path -> value)."""
+    """A recorded throughput for one stage, valid where the config matches `when` (dotted path -> value):
+    `per_s` items (URLs, images) per second on one `unit` of hardware (a GPU, or a CPU node)."""
 
     stage: str
     when: dict[str, object]
-    images_per_s: float
-    gpu: str
+    per_s: float
+    unit: str
     source: str
+    item: str = "images"
 
 
-# Recorded GPU throughputs, the first whose `when` matches wins: measured ones (docs/PERFORMANCE.md) before the
-# external anchor, which stays labelled as such.
+# The first whose `when` matches wins: measured ones (docs/PERFORMANCE.md) before external anchors, which stay
+# labelled as such.
 THROUGHPUTS = (
+    Throughput(
+        stage="ingest",
+        when={"source.kind": "parquet"},
+        per_s=1000.0,
+        unit="16-core node",
+        item="samples",
+        source=(
+            "published, not measured here: img2dataset's LAION-5B guide (dataset_examples/laion5B.md), "
+            "10 worker nodes of 16 cores (c6i.4xlarge) at ~1,000 samples/s each"
+        ),
+    ),
     Throughput(
         stage="train",
         when={
@@ -37,27 +53,44 @@ THROUGHPUTS = (
             "train.compile": True,
             "train.grad_checkpointing": False,
         },  # fmt: skip
-        images_per_s=466.1,
-        gpu="H200",
+        per_s=466.1,
+        unit="H200",
         source="measured: bench/gpu_train.py --compile, 64 per GPU, bf16, one H200, 2026-11-28 (docs/PERFORMANCE.md)",
     ),
     Throughput(
         stage="train",
         when={"unet.size": "sd2-base", "ingest.resolution": 256},
-        images_per_s=137.0,
-        gpu="A100",
+        per_s=137.0,
+        unit="A100",
         source=(
             "external anchor, not measured here: MosaicML's SD2-base at 256 px, 137 images/s per A100 "
             "(their SD2-base-for-under-$50k run)"
         ),
     ),
 )
-# Why a GPU stage has no figure: where docs/PERFORMANCE.md stands on it.
+# Why a stage has no figure: where docs/PERFORMANCE.md (and what was found published) stands on it.
 NO_FIGURE = {
+    "ingest": "no figure for this source (the published one is img2dataset's, for LAION parquet lists)",
+    "filter": (
+        "no figure for the scorer CLIP on a GPU (docs/PERFORMANCE.md: CPU figures only; clip-retrieval's "
+        "published 1,500 samples/s on an RTX 3080 is ViT-B/32's, not this model's)"
+    ),
     "precompute": 'no measured figure (docs/PERFORMANCE.md "GPU": bench/gpu_precompute.py written, not yet run)',
     "train": "no measured figure for this UNet size and resolution (docs/PERFORMANCE.md: CPU figures only)",
     "evaluate": "no measured figure (docs/PERFORMANCE.md: sampling measured on CPU only)",
 }
+# Published row counts of the URL lists a parquet source may name (matched against source.paths): a plan-only
+# table, since the source section describes where the list is, not how long it is.
+PUBLISHED_ROWS = {
+    "relaion2B-en-research-safe": (
+        2_100_000_000,
+        "published, not counted here: the Hugging Face dataset page of laion/relaion2B-en-research-safe, "
+        "2.1B rows (rounded)",
+    ),
+}
+# img2dataset's guide ran 10 such nodes; no config field sizes ingest's CPU nodes, so the plan shows that many.
+INGEST_NODES = 10
+PRICED = ("ingest", "filter", "precompute", "train", "evaluate")
 
 
 def _source(cfg: PipelineConfig) -> str:
@@ -67,7 +100,8 @@ def _source(cfg: PipelineConfig) -> str:
 
 def _ingest(cfg: PipelineConfig) -> str:
     i = cfg.ingest
-    return (f"img2dataset in the flow's process: {i.processes} processes x {i.threads} threads, "
+    return (f"Ray tasks: prepare one per parquet file, then one img2dataset download per shard x 1 CPU "
+            f"({i.processes} shards in flight, {i.threads} threads each, {i.shard_retries} retries), "
             f"{i.samples_per_shard} samples/shard, {i.resolution} px")  # fmt: skip
 
 
@@ -86,7 +120,21 @@ def _aesthetic(cfg: PipelineConfig) -> str:
 
 
 def _filter(cfg: PipelineConfig) -> str:
-    return f"CPU in the flow's process: {cfg.clip.arch} CLIP + aesthetic MLP, batches of {cfg.filter.batch_size}"
+    kind = "GPU" if cfg.compute.use_gpu else "CPU"
+    n = cfg.filter.actors or f"one per cluster {kind}"
+    per = "1 GPU + 1 CPU" if cfg.compute.use_gpu else "1 CPU"
+    return (f"Ray Data: scorer actors, {n} x {per}, a shard per call; {cfg.clip.arch} CLIP + aesthetic MLP, "
+            f"batches of {cfg.filter.batch_size}")  # fmt: skip
+
+
+def _driver(cfg: PipelineConfig) -> str:
+    """What each Ray stage's job driver asks for: it only hands out work and gathers small results."""
+    c = cfg.compute
+    if not c.ray_address:
+        return "in the flow's process on a local Ray it starts; with RAY_ADDRESS set, a Ray job there"
+    asks = [f"{c.job_cpus:g} CPU", *(f"{v:g} {k}" for k, v in sorted(c.job_resources.items()))]
+    where = "" if c.job_cpus > 0 or c.job_resources else " (may run on a head with 0 CPUs)"
+    return f"a Ray job whose driver asks for {' + '.join(asks)}{where}"
 
 
 def _vae(cfg: PipelineConfig) -> str:
@@ -115,8 +163,11 @@ def _train(cfg: PipelineConfig) -> str:
 def _evaluate(cfg: PipelineConfig) -> str:
     e = cfg.evaluate
     points = len(e.guidance) * len(e.steps) * len(e.samplers) * len(e.checkpoints)
-    return (f"sweep of {points} points (guidance x steps x sampler x checkpoint) x {e.prompt_count} prompts "
-            f"= {points * e.prompt_count:,} images; {e.extractor} features")  # fmt: skip
+    per = "1 GPU" if cfg.compute.use_gpu else "1 CPU"
+    n = e.actors or f"one per cluster {'GPU' if cfg.compute.use_gpu else 'CPU'}"
+    return (f"Ray actors: {n} x {per}, sampling batches of {e.batch_size}; sweep of {points} points (guidance x "
+            f"steps x sampler x checkpoint) + the untrained baseline x {e.prompt_count} prompts; "
+            f"{e.extractor} features")  # fmt: skip
 
 
 RESOURCES: dict[str, Callable[[PipelineConfig], str]] = {
@@ -135,23 +186,75 @@ def _matches(t: Throughput, cfg: PipelineConfig) -> bool:
     return all(resolve(cfg, path) == value for path, value in t.when.items())
 
 
-def gpu_hours(stage: Stage, cfg: PipelineConfig) -> str | None:
-    """The stage's GPU-hour estimate with its source, a 'no measured figure' line, or None for a CPU stage."""
-    if not cfg.compute.use_gpu or stage.name not in NO_FIGURE:
-        return None
-    found = [t for t in THROUGHPUTS if t.stage == stage.name and _matches(t, cfg)]
-    if not found or stage.name != "train":  # only training's image count is known before the data exists
-        return NO_FIGURE[stage.name]
-    t, tc, workers = found[0], cfg.train, cfg.compute.num_workers
-    images = tc.steps * tc.batch_size
-    hours = images / t.images_per_s / 3600
-    return (f"{tc.steps:,} steps x {tc.batch_size:,} = {images:,} images / {t.images_per_s:g} images/s per {t.gpu} "
-            f"= {hours:,.0f} {t.gpu}-hours (~{hours / workers:,.0f} h on {workers} GPUs at linear scaling); "
-            f"source: {t.source}")  # fmt: skip
+def figure(stage: str, cfg: PipelineConfig) -> Throughput | None:
+    """The first recorded throughput of the stage that matches the config, or None."""
+    return next((t for t in THROUGHPUTS if t.stage == stage and _matches(t, cfg)), None)
+
+
+def source_rows(cfg: PipelineConfig) -> tuple[int, str] | None:
+    """The rows the source holds and where that number comes from; None for a list of unknown length."""
+    src = cfg.source
+    if src.kind == "synthetic":
+        return src.num_samples, "source.num_samples"
+    for name, (rows, origin) in PUBLISHED_ROWS.items():
+        if any(name in path for path in src.paths):
+            return rows, origin
+    return None
+
+
+def _gpus(stage: str, cfg: PipelineConfig) -> tuple[int, str]:
+    """How many GPUs a stage's actors (or workers) use, and which setting says so."""
+    if stage == "train":
+        return cfg.compute.num_workers, "compute.num_workers"
+    actors = getattr(getattr(cfg, stage), "actors", None)
+    if actors:
+        return actors, f"{stage}.actors"
+    return cfg.compute.num_workers, f"one actor per cluster GPU; compute.num_workers = {cfg.compute.num_workers}"
+
+
+def _evaluate_work(cfg: PipelineConfig) -> tuple[int, str]:
+    """The sweep's images and the words for them: every grid point plus the untrained baseline, all prompts."""
+    e = cfg.evaluate
+    points = [(s, g) for _ in e.checkpoints for _ in e.samplers for s in e.steps for g in e.guidance]
+    points.append((e.steps[0], e.guidance[0]))  # the untrained baseline (ldm.evaluate.stage.grid_points)
+    images = len(points) * e.prompt_count
+    forwards = sum(s * (1 if g == 1 else 2) for s, g in points) * e.prompt_count  # guidance: two per step
+    return images, (f"{len(points)} points (with the untrained baseline) x {e.prompt_count:,} prompts = "
+                    f"{images:,} images, {forwards:,} UNet evaluations")  # fmt: skip
+
+
+def estimate(stage: str, cfg: PipelineConfig) -> str:
+    """One stage's line: its work / the throughput per node or GPU = node- or GPU-hours, the hours on the
+    nodes or GPUs the profile gives it, and the figure's source; or the work and why there is no figure."""
+    known = source_rows(cfg)
+    if stage == "train":
+        tc = cfg.train
+        count = tc.steps * tc.batch_size
+        work = f"{tc.steps:,} steps x {tc.batch_size:,} = {count:,} images"
+    elif stage == "evaluate":
+        count, work = _evaluate_work(cfg)
+    elif known is None:
+        return f"no row count for {', '.join(cfg.source.paths)}: add its published count to PUBLISHED_ROWS"
+    else:
+        count = known[0]
+        work = {"ingest": f"{count:,} rows", "filter": f"at most {count:,} images (every row downloaded)",
+                "precompute": f"at most {count:,} rows (every image kept)"}[stage]  # fmt: skip
+    if stage == "ingest":
+        n, where = INGEST_NODES, "nodes (the guide's count: no config field sizes ingest's CPU nodes)"
+    else:
+        n, why = _gpus(stage, cfg)
+        where = f"GPUs ({why})"
+    t = figure(stage, cfg)
+    if t is None:
+        return f"{work} on {n} {where}: {NO_FIGURE[stage]}"
+    unit_hours = count / t.per_s / 3600
+    return (f"{work} / {t.per_s:,g} {t.item}/s per {t.unit} = {unit_hours:,.0f} {t.unit}-hours; "
+            f"~{unit_hours / n:,.0f} h at linear scaling on {n} {where}; source: {t.source}")  # fmt: skip
 
 
 def plan(cfg: PipelineConfig, profile: str) -> str:
-    """The plan as text: every registry stage in order, its inputs, output folder, resources and GPU-hours."""
+    """The plan as text: every registry stage in order, its inputs, output folder and resources; on a GPU
+    profile the hours of the stages whose work grows with the data, at the source's row count."""
     wd = Workdir.of(cfg)
     ray = cfg.compute.ray_address or "a local Ray cluster started by the job"
     lines = [
@@ -160,7 +263,6 @@ def plan(cfg: PipelineConfig, profile: str) -> str:
         f"Ray: RAY_ADDRESS if set, else {ray}; GPUs: {'yes' if cfg.compute.use_gpu else 'no'}",
         "",
     ]
-    estimates = []
     for i, stage in enumerate(STAGES, 1):
         inputs = [f"{name} ({wd.output(name)})" for name in stage.inputs(cfg)]
         if stage.name == "ingest":
@@ -172,9 +274,15 @@ def plan(cfg: PipelineConfig, profile: str) -> str:
             f"   output:    {wd.output(stage.name)}",
             f"   resources: {RESOURCES[stage.name](cfg)}",
         ]
-        estimate = gpu_hours(stage, cfg)
-        if estimate:
-            estimates.append(f"  {stage.name}: {estimate}")
-    lines += ["", "GPU-hours (estimated):"]
-    lines += estimates or ["  none: this profile runs on CPUs (compute.use_gpu is false)"]
+        if stage.name in RAY_STAGES:
+            lines.append(f"   job:       {_driver(cfg)}")
+    if not cfg.compute.use_gpu:
+        return (
+            "\n".join([*lines, "", "Hours (estimated): none: this profile runs on CPUs (compute.use_gpu is false)"])
+            + "\n"
+        )
+    known = source_rows(cfg)
+    rows = f"{known[0]:,} rows; row count: {known[1]}" if known else "an unknown row count"
+    lines += ["", f"Hours (estimated) at {rows}:"]
+    lines += [f"  {name}: {estimate(name, cfg)}" for name in PRICED]
     return "\n".join(lines) + "\n"
