@@ -74,6 +74,19 @@ def merge_histograms(shards: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     return total
 
 
+def plot_bins(column: str, *sides: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The fine bins of one column regrouped for a plot: (edges, per side its counts), at most PLOT_BINS bins
+    over the range the samples used; where that range reaches the scale's top the last bin is narrower."""
+    low, high, n = BINS[column]
+    used = np.flatnonzero(sum(sides))
+    first, last = (used[0], used[-1] + 1) if len(used) else (0, n)
+    group = max(1, -(-(last - first) // PLOT_BINS))  # whole fine bins per plotted bin
+    last = min(n, first + -(-(last - first) // group) * group)
+    starts = np.arange(first, last, group)
+    edges = low + (high - low) / n * np.append(starts, last)
+    return edges, [np.add.reduceat(side[first:last], starts - first) for side in sides]
+
+
 def histogram_png(hist: dict[str, dict[str, np.ndarray]], fcfg: FilterConfig) -> bytes:
     """Histograms of aesthetic score and CLIP similarity, kept vs dropped, thresholds marked."""
     import matplotlib
@@ -89,13 +102,7 @@ def histogram_png(hist: dict[str, dict[str, np.ndarray]], fcfg: FilterConfig) ->
     ):
         kept, dropped = hist[col]["kept"], hist[col]["dropped"]
         kept_n, dropped_n = int(kept.sum()), int(dropped.sum())
-        low, high, n = BINS[col]
-        used = np.flatnonzero(kept + dropped)
-        first, last = (used[0], used[-1] + 1) if len(used) else (0, n)
-        group = max(1, -(-(last - first) // PLOT_BINS))  # whole fine bins per plotted bin
-        last = min(n, first + -(-(last - first) // group) * group)
-        edges = low + (high - low) / n * np.arange(first, last + 1, group)
-        sums = [np.add.reduceat(side[first:last], np.arange(0, last - first, group)) for side in (kept, dropped)]
+        edges, sums = plot_bins(col, kept, dropped)
         centers = (edges[:-1] + edges[1:]) / 2
         ax.hist([centers, centers], bins=edges, weights=sums, stacked=True, label=["kept", "dropped"],
                 color=["tab:green", "tab:red"])  # fmt: skip
