@@ -81,6 +81,6 @@ def actor_pool(cfg: PipelineConfig, configured: int | None, units: int) -> tuple
         actors, res = configured or max(1, int(free.get("GPU", 1))), {"num_gpus": 1, "num_cpus": 1}
     else:
         actors, res = configured or max(1, int(free.get("CPU", 1))), {"num_cpus": 1}
-    # Spread over the nodes: a node's loss then takes the fewest actors with it, and on CPU nodes the
-    # pool uses every node's cores rather than packing one node first.
-    return max(1, min(actors, units)), {**res, "scheduling_strategy": "SPREAD"}
+    # Ray Data places a pool's actors with SPREAD itself (DataContext.scheduling_strategy; passing it is
+    # deprecated): a node's loss takes the fewest actors with it.
+    return max(1, min(actors, units)), res
