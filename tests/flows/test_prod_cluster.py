@@ -139,8 +139,13 @@ def test_data_stages_run_on_both_worker_nodes_never_the_head_and_match_the_in_pr
         sid = jobs.run_job(url, stage, jcfg, command, "prod-shaped", print)  # the job's log, shown on failure
         placed[stage] = _placement(url, sid, marker)
     for stage, (nodes, driver) in placed.items():
-        assert nodes == set(workers.values()), (stage, nodes, workers, head)
+        assert nodes and nodes <= set(workers.values()), (stage, nodes, workers, head)  # never the head
         assert driver in workers.values(), (stage, driver, head)
+    # Ingest's tasks are spread over both nodes. An actor pool's placement is Ray Data's: with 3 shards it
+    # may finish on the first two actors before placing the third (seen on a loaded machine), so only the
+    # stages together are required to have used both nodes.
+    assert placed["ingest"][0] == set(workers.values()), (placed, workers)
+    assert placed["filter"][0] | placed["precompute"][0] == set(workers.values()), (placed, workers)
 
     raw, raw_reference = (storage.read_json(str(d / "raw" / "manifest.json")) for d in (w, src))
     assert raw["counts"] == raw_reference["counts"]
