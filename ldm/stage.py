@@ -33,7 +33,7 @@ LAYOUT = {
     "train-aesthetic": "models/aesthetic",
     "filter": "filtered",
     "train-vae": "models/vae",
-    "precompute": "latents",
+    "precompute": "{latents}",  # latents, or latents-<px>px at a precompute.resolution below ingest's
     "train": "runs/{run}",  # one folder per training run (train.run_id)
     "evaluate": "runs/{run}/eval",  # the sweep of that run (its MLflow runs hang under the training run's)
 }
@@ -47,11 +47,12 @@ class Workdir:
     # (stage, folder): where this run writes that stage's output instead of its usual folder (--overwrite)
     staged: tuple[tuple[str, str], ...] = ()
     run: str = "default"
+    latents: str = "latents"  # the latent set's folder: one per resolution
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> Workdir:
-        """The work directory a config names (and its training run id)."""
-        return cls(storage.normalize(cfg.workdir), run=cfg.train.run_id)
+        """The work directory a config names (its training run id, its latent set)."""
+        return cls(storage.normalize(cfg.workdir), run=cfg.train.run_id, latents=latents_folder(cfg))
 
     def path(self, *parts: str) -> str:
         """A URL under the work directory."""
@@ -59,7 +60,7 @@ class Workdir:
 
     def output(self, stage: str) -> str:
         """The output folder of a stage."""
-        return dict(self.staged).get(stage) or self.path(LAYOUT[stage].format(run=self.run))
+        return dict(self.staged).get(stage) or self.path(LAYOUT[stage].format(run=self.run, latents=self.latents))
 
     @property
     def source(self) -> str:
@@ -85,6 +86,13 @@ class Workdir:
     def mlartifacts(self) -> str:
         """MLflow artifacts of experiments this pipeline creates."""
         return self.path("mlartifacts")
+
+
+def latents_folder(cfg: PipelineConfig) -> str:
+    """latents for the images at ingest.resolution; latents-<px>px for a precompute.resolution below it, so the
+    latent sets of two training phases lie side by side."""
+    res = cfg.precompute.resolution
+    return "latents" if res in (None, cfg.ingest.resolution) else f"latents-{res}px"
 
 
 def _none(cfg: PipelineConfig) -> dict[str, str]:

@@ -16,7 +16,7 @@ import torch
 from data_prep.precompute.rows import Batch, columns, decode_images, shard_rows
 from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_text_encoder
-from ldm.config import PipelineConfig
+from ldm.config import PipelineConfig, latent_resolution
 from ldm.devices import native_bf16
 from ldm.io import storage
 from ldm.io.latents import part_bytes
@@ -116,8 +116,9 @@ class ShardEncoder:
     """
 
     def __init__(self, cfg_dict: dict[str, Any], latent: str, seed: int, part: dict[str, Any]):
-        self.resolution = int(cfg_dict["ingest"]["resolution"])
-        self.batch_size = int(cfg_dict["precompute"]["batch_size"])
+        cfg = PipelineConfig.model_validate(cfg_dict)
+        self.resolution, self.crop, self.seed = latent_resolution(cfg), cfg.precompute.crop, cfg.seed
+        self.batch_size = cfg.precompute.batch_size
         self.vae = VaeLatentEncoder(cfg_dict, latent, seed)
         self.text = TextEmbedder(cfg_dict)
         self.part = part  # parts_url, shape, text_dim, scale_factor, latent_is_sample
@@ -127,7 +128,8 @@ class ShardEncoder:
         rows = shard_rows({"name": name, "url": url})
         out = []
         for i in range(0, len(rows), self.batch_size):
-            b = self.text(self.vae(decode_images(columns(rows[i : i + self.batch_size]), self.resolution)))
+            pixels = decode_images(columns(rows[i : i + self.batch_size]), self.resolution, self.crop, self.seed)
+            b = self.text(self.vae(pixels))
             out += [
                 {"key": str(b["key"][j]), "latent": b["latent"][j], "text_emb": b["text_emb"][j],
                  "text_len": int(b["text_len"][j]), "caption": str(b["caption"][j]),

@@ -18,7 +18,7 @@ from PIL import UnidentifiedImageError
 from data_prep.precompute.encoders import ShardEncoder, vae_compute_dtype
 from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_text_encoder
-from ldm.config import PipelineConfig
+from ldm.config import PipelineConfig, latent_resolution
 from ldm.io import storage
 from ldm.io.manifest import StageError, root_cause
 from ldm.io.shards import ShardError
@@ -68,9 +68,11 @@ def precompute(run: StageRun) -> dict:
     if done:
         print(f"precompute: resuming; {len(done)} of {len(expected)} parts already written")
     vae = load_vae(cfg)
-    shape = (int(vae.config.latent_channels), *(cfg.ingest.resolution // cfg.vae.downsample,) * 2)
+    resolution = latent_resolution(cfg)
+    shape = (int(vae.config.latent_channels), *(resolution // cfg.vae.downsample,) * 2)
     encoder = load_text_encoder(cfg)
     text_dim, context_length, empty = encoder.token_width, encoder.context_length, _empty_prompt(encoder)
+    conditioning = encoder.conditioning
     scale = float(vae.config.scaling_factor)
     del vae, encoder  # the actors load their own copies
     part = {"url": parts_url, "shape": list(shape), "text_dim": text_dim, "scale_factor": scale,
@@ -79,7 +81,7 @@ def precompute(run: StageRun) -> dict:
     parts = storage.listdir(parts_url, "*.parquet")
     rows = sum(expected.values())
     return dict(
-        vae=vae_id, text_encoder=text_id, resolution=cfg.ingest.resolution,
+        vae=vae_id, text_encoder=text_id, resolution=resolution, crop=cfg.precompute.crop, conditioning=conditioning,
         latent_shape=list(shape), latent_dtype="float16", scale_factor=scale, vae_compute_dtype=compute_dtype_name(cfg),
         latent_kind=cfg.precompute.latent, latent_seed=cfg.seed if cfg.precompute.latent == "sample" else None,
         text_dim=text_dim, text_dtype="float16", context_length=context_length,
@@ -95,7 +97,7 @@ def summary(m: dict) -> str:
     """One line on a precompute manifest."""
     return (
         f"precompute summary: {m['rows']} rows in {len(m['parts'])} parts ({m['parts_resumed']} resumed), "
-        f"latents {m['latent_shape']} fp16, text states [len, {m['text_dim']}] fp16, "
+        f"latents {m['latent_shape']} fp16 from {m['resolution']} px, text states [len, {m['text_dim']}] fp16, "
         f"scale factor {m['scale_factor']:.4f}; {m['images_per_s']} images/s"
     )
 

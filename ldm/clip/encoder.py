@@ -46,10 +46,18 @@ class ClipEncoder:
         tokenizer: open_clip.SimpleTokenizer | None = None,
         batch_size: int = 256,
         blocks: int | Sequence[int] | None = None,
+        context_length: int | None = None,
+        mask_padding: bool = True,
     ):
         self.model = model.eval().requires_grad_(False)
         self.depths = text_depths(blocks, len(model.transformer.resblocks))
-        self.tokenizer = tokenizer or build_tokenizer(model.context_length)
+        if context_length is not None and not 2 <= context_length <= model.context_length:
+            raise StageError(
+                f"text_encoder.context_length {context_length}: this text model has {model.context_length} positions"
+            )
+        self.ctx = int(context_length or model.context_length)
+        self.mask_padding = mask_padding
+        self.tokenizer = tokenizer or build_tokenizer(self.ctx)
         self.batch_size = batch_size
         pre = getattr(model.visual, "preprocess_cfg", {}) or {}
         self.mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -74,7 +82,13 @@ class ClipEncoder:
     @property
     def context_length(self) -> int:
         """Tokens per caption, SOT and EOT included."""
-        return int(self.model.context_length)
+        return self.ctx
+
+    @property
+    def conditioning(self) -> dict:
+        """The conditioning convention: the depth(s) read, positions per caption, whether padding is masked."""
+        depth = self.depths[0] if len(self.depths) == 1 else list(self.depths)
+        return {"depth": depth, "context_length": self.ctx, "mask_padding": self.mask_padding}
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +124,8 @@ class ClipEncoder:
 
     @torch.no_grad()
     def token_states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token states [N, L, W] of a text layer after ln_final, and token counts [N].
+        """Per-token states [N, L, W] of a text layer after ln_final, and the positions the UNet attends to [N]:
+        each caption's token count, or L for every caption when padding is not masked (SD 2's convention).
 
         With blocks None, exactly SD 2's FrozenOpenCLIPEmbedder(layer="penultimate"): every residual
         block but the last, with the causal mask, then the final LayerNorm; positions past a caption's
@@ -122,7 +137,8 @@ class ClipEncoder:
         for i in range(0, len(captions), self.batch_size):
             tokens = self.tokenize(captions[i : i + self.batch_size])
             states.append(self._states(tokens.to(self.device)).float().cpu())
-            lengths.append(self.lengths(tokens))
+            every = torch.full((len(tokens),), self.ctx, dtype=torch.long)  # unmasked: every position counts
+            lengths.append(self.lengths(tokens) if self.mask_padding else every)
         if not states:
             return torch.zeros(0, self.context_length, self.token_width), torch.zeros(0, dtype=torch.long)
         return torch.cat(states), torch.cat(lengths)
@@ -130,13 +146,15 @@ class ClipEncoder:
     def _states(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        n = tokens.shape[1]  # text_encoder.context_length may keep fewer positions than the model has
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+        mask = None if m.attn_mask is None else m.attn_mask[:n, :n]
         batch_first = getattr(m.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
         at = {0: x}
         for depth, block in enumerate(m.transformer.resblocks[: max(self.depths)], start=1):
-            x = at[depth] = block(x, attn_mask=m.attn_mask)
+            x = at[depth] = block(x, attn_mask=mask)
         picked = [at[d] if batch_first else at[d].transpose(0, 1) for d in self.depths]
         return torch.cat([m.ln_final(h) for h in picked], dim=-1)
 
@@ -162,14 +180,14 @@ def load_text_encoder(cfg: PipelineConfig) -> ClipEncoder:
     te = cfg.text_encoder
     if te.same_as_clip:
         encoder = load_encoder(cfg)
-        return ClipEncoder(encoder.model, encoder.tokenizer, encoder.batch_size, te.blocks)
+        return ClipEncoder(encoder.model, None, encoder.batch_size, te.blocks, te.context_length, te.mask_padding)
     weights = str(te.weights)
     # Checked here so the message names the text_encoder fields, not clip.* as load_pretrained's would.
     if not Path(weights.removeprefix("file://")).expanduser().is_file():
         raise StageError(f"text_encoder.weights {weights} is not a local file (weights are never downloaded)")
     if te.arch not in open_clip.list_models():
         raise StageError(f"text_encoder.arch {te.arch!r} is not an open_clip architecture")
-    return ClipEncoder(load_pretrained(str(te.arch), weights), blocks=te.blocks)
+    return ClipEncoder(load_pretrained(str(te.arch), weights), None, 256, te.blocks, te.context_length, te.mask_padding)
 
 
 def load_encoder(cfg: PipelineConfig) -> ClipEncoder:

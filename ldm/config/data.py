@@ -137,6 +137,16 @@ class PrecomputeConfig(Section):
     """Ray Data precompute of VAE latents and text embeddings into W/latents/."""
 
     latent: Literal["mean", "sample"] = Field("mean", description="store the posterior mean, or a seeded sample")
+    resolution: int | None = Field(
+        None, ge=8, le=4096,
+        description="px of the square images encoded; None: ingest.resolution. A lower one makes a training phase "
+        "at that resolution from the same download (latents under W/latents-<px>px/)",
+    )  # fmt: skip
+    crop: Literal["center", "random"] = Field(
+        "center",
+        description="the square taken from a non-square image after its short side is resized: the centre, or "
+        "a position drawn once per sample from its key and the seed (SD's random crop, fixed in the latents)",
+    )
     batch_size: int = Field(
         256, ge=1, description="rows per encoder call (CPU actors encode them 16 at a time)", json_schema_extra=KNOB
     )

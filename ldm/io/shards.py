@@ -97,10 +97,24 @@ class ImageSet:
         return len(self.captions)
 
 
-def decode_rgb(data: bytes, resolution: int | None = None) -> np.ndarray:
-    """Decode image bytes to uint8 HxWx3, centre-cropped and resized to a square if resolution is set."""
+def decode_rgb(data: bytes, resolution: int | None = None, crop_seed: int | None = None) -> np.ndarray:
+    """Decode image bytes to uint8 HxWx3, centre-cropped and resized to a square if resolution is set.
+
+    With crop_seed, SD's random crop instead: the short side resized to the resolution, then a square at
+    an offset drawn from the seed along the long side (the same square every time for the same seed).
+    """
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    if resolution is not None and img.size != (resolution, resolution):
+    if resolution is not None and crop_seed is not None:
+        w, h = img.size
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        if size != (w, h):
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        slack = max(size) - resolution
+        offset = int(np.random.default_rng(crop_seed).integers(0, slack + 1)) if slack else 0
+        x, y = (offset, 0) if size[0] > size[1] else (0, offset)
+        img = img.crop((x, y, x + resolution, y + resolution))
+    elif resolution is not None and img.size != (resolution, resolution):
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
