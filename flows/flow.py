@@ -19,7 +19,7 @@ from flows import endpoints, jobs, report
 from flows.registry import STAGES
 from flows.registry import run as run_stage
 from ldm import budget
-from ldm.config import ConfigError, load_config
+from ldm.config import ConfigError, load_config, phase_overrides
 from ldm.io import manifest, storage
 from ldm.io.manifest import StageError
 from ldm.io.storage import StorageError
@@ -102,6 +102,19 @@ def select(stages: list[str] | None) -> list[str]:
     return [s for s in TASKS if s in stages]
 
 
+PHASE_STAGES = ("precompute", "train")  # what a training phase runs with its own settings (config `phases`)
+
+
+def _run_phases(phases: list[list[str]], names: list[str], profile: str, overrides: list[str],
+                workdir: str | None, overwrite: bool, allow_partial: bool, results: dict) -> None:  # fmt: skip
+    """The phases in order; the last phase's manifests under the stage names, the others' under name[run]."""
+    for i, sets in enumerate(phases):
+        run = load_config(profile, overrides + sets, workdir).train.run_id
+        for name in names:
+            m = TASKS[name](name, profile, overrides + sets, workdir, overwrite, allow_partial)
+            results[name if i == len(phases) - 1 else f"{name}[{run}]"] = m
+
+
 @flow(name="train-ldm", log_prints=True, validate_parameters=True)
 def train_ldm(
     profile: str = "local",
@@ -129,8 +142,15 @@ def train_ldm(
         until = time.strftime("%H:%M:%S", time.localtime(cfg.budget.deadline))
         get_run_logger().info(f"budget: {cfg.budget.minutes:g} minutes, until {until}")
     results = {}
+    phases = phase_overrides(cfg)
     for name in names:
-        results[name] = TASKS[name](name, profile, overrides, workdir, overwrite, allow_partial)
+        if phases and name in PHASE_STAGES:  # each phase's precompute and train, in order, after train-vae
+            if name == PHASE_STAGES[0] or PHASE_STAGES[0] not in names:
+                _run_phases(phases, [n for n in names if n in PHASE_STAGES], profile, overrides, workdir, overwrite,
+                            allow_partial, results)  # fmt: skip
+            continue
+        last = overrides + (phases[-1] if phases and name == "evaluate" else [])  # the last phase's run
+        results[name] = TASKS[name](name, profile, last, workdir, overwrite, allow_partial)
     # For the Prefect UI; `ldm run` prints the same lines on the terminal once the flow has returned.
     create_markdown_artifact(f"```\n{report.closing_lines(cfg, tracking_uri(cfg), results)}\n```", key="pipeline")
     return results

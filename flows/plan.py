@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from flows.endpoints import RAY_STAGES
 from flows.registry import STAGES
-from ldm.config import PipelineConfig
+from ldm.config import PipelineConfig, latent_resolution, phase_configs
 from ldm.stage import Workdir, resolve
 
 
@@ -276,6 +276,13 @@ def plan(cfg: PipelineConfig, profile: str) -> str:
         ]
         if stage.name in RAY_STAGES:
             lines.append(f"   job:       {_driver(cfg)}")
+    if cfg.phases:
+        lines += ["", "Phases: precompute and train once per phase, in order; evaluate sweeps the last phase's run:"]
+        for phase in phase_configs(cfg):
+            pw, t = Workdir.of(phase), phase.train
+            start = f"from {phase.unet.init_from}" if phase.unet.init_from else f"a fresh {phase.unet.size} UNet"
+            lines.append(f"  {t.run_id}: {latent_resolution(phase)} px latents in {pw.output('precompute')}; "
+                         f"{t.steps} steps x global batch {t.batch_size}, {start}")  # fmt: skip
     if not cfg.compute.use_gpu:
         return (
             "\n".join([*lines, "", "Hours (estimated): none: this profile runs on CPUs (compute.use_gpu is false)"])

@@ -47,6 +47,7 @@ __all__ = [
     "Columns", "ComputeConfig", "ConfigError", "DiffusionConfig", "EvaluateConfig", "FilterConfig", "IngestConfig",
     "ParquetSource", "PipelineConfig", "PrecomputeConfig", "Section", "StageBudget", "SyntheticSource",
     "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UnetConfig", "VaeConfig", "check_resolution",
+    "latent_resolution", "phase_configs", "phase_overrides",
     "load_config", "open_clip_embed_dim", "parse_override", "profiles", "set_dotted", "to_yaml",
 ]  # fmt: skip
 
@@ -71,6 +72,13 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     budget: BudgetConfig | None = None
+    phases: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="training phases the flow runs in order after train-vae, each a precompute and a train run "
+        "with its own settings as dotted keys (precompute.resolution, train.run_id, train.steps, ...); a phase "
+        "after the first starts from the previous one's EMA weights (unet.init_from: runs/<its run>) unless it "
+        "names its own; evaluate sweeps the last. Empty: one precompute and one train run, as configured",
+    )
 
     @field_validator("workdir")
     @classmethod
@@ -83,6 +91,7 @@ class PipelineConfig(Section):
     def _components_fit(self) -> PipelineConfig:
         # Refused here, before any stage runs, rather than in train-clip or train-aesthetic after ingest has run.
         check_resolution(self.ingest.resolution, self.clip, self.vae)
+        check_latent_resolution(self)
         check_aesthetic_width(self)
         check_no_credentials(self)
         return self
@@ -103,6 +112,30 @@ def check_resolution(resolution: int, clip: ClipConfig, vae: VaeConfig) -> None:
         raise ValueError(
             f"ingest.resolution {resolution} is not a multiple of vae.downsample {vae.downsample}; "
             "the latents would not cover the image"
+        )
+
+
+def latent_resolution(cfg: PipelineConfig) -> int:
+    """The px of the images precompute encodes: precompute.resolution, else ingest.resolution."""
+    return cfg.precompute.resolution or cfg.ingest.resolution
+
+
+def check_latent_resolution(cfg: PipelineConfig) -> None:
+    """Refuse a precompute.resolution above what ingest keeps, or one the trained VAE cannot take whole."""
+    res = cfg.precompute.resolution
+    if res is None:
+        return
+    if res > cfg.ingest.resolution:
+        raise PydanticCustomError(
+            "precompute_resolution",
+            f"precompute.resolution {res} is above ingest.resolution {cfg.ingest.resolution}: the images are kept "
+            "at ingest.resolution, so ingest at the largest resolution any phase needs",
+        )
+    if cfg.vae.path is None and res % cfg.vae.downsample:
+        raise PydanticCustomError(
+            "precompute_resolution",
+            f"precompute.resolution {res} is not a multiple of vae.downsample {cfg.vae.downsample}; "
+            "the latents would not cover the image",
         )
 
 
@@ -236,9 +269,57 @@ def load_config(profile: str, overrides: list[str] | None = None, workdir: str |
     if workdir is not None:
         tree["workdir"] = workdir
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise _first_error(err) from None
+    check_phases(tree, cfg)
+    return cfg
+
+
+def phase_overrides(cfg: PipelineConfig) -> list[list[str]]:
+    """Each phase as `a.b=value` overrides: its own keys, then unet.init_from the previous phase's run."""
+    out, previous = [], None
+    for phase in cfg.phases:
+        sets = [f"{key}={json.dumps(value)}" for key, value in phase.items()]
+        if previous is not None and "unet.init_from" not in phase:
+            sets.append(f"unet.init_from=runs/{previous}")
+        out.append(sets)
+        previous = phase.get("train.run_id")
+    return out
+
+
+def phase_configs(cfg: PipelineConfig) -> list[PipelineConfig]:
+    """The config of each phase: this one with the phase's overrides applied."""
+    out = []
+    for sets in phase_overrides(cfg):
+        tree = cfg.model_dump(mode="json")
+        for key, value in (parse_override(item) for item in sets):
+            set_dotted(tree, key, value)
+        out.append(PipelineConfig.model_validate(tree))
+    return out
+
+
+def check_phases(tree: dict[str, Any], cfg: PipelineConfig) -> None:
+    """Refuse a phase that would not load, or phases that share a run (the second would overwrite the first)."""
+    runs = []
+    for i, sets in enumerate(phase_overrides(cfg)):
+        if "train.run_id" not in cfg.phases[i]:
+            raise ConfigError(f"phases[{i}]", "each phase names its train.run_id (its runs/<id> folder)")
+        runs.append(cfg.phases[i]["train.run_id"])
+        phase_tree = json.loads(json.dumps(tree))
+        for key, value in (parse_override(item) for item in sets):
+            if key == "phases" or key.startswith("phases."):
+                raise ConfigError(f"phases[{i}]", "a phase cannot hold phases")
+            set_dotted(phase_tree, key, value)
+        try:
+            PipelineConfig.model_validate(phase_tree)
+        except ValidationError as err:
+            e = _first_error(err)
+            raise ConfigError(f"phases[{i}]" + (f".{e.path}" if e.path else ""), e.reason) from None
+    if len(set(runs)) != len(runs):
+        raise ConfigError(
+            "phases", f"two phases share train.run_id {sorted(r for r in runs if runs.count(r) > 1)[0]!r}"
+        )
 
 
 def to_yaml(cfg: PipelineConfig) -> str:

@@ -54,6 +54,18 @@ class TextEncoderConfig(Section):
         "those depths side by side along the width (e.g. [0, 3])",
     )
 
+    context_length: int | None = Field(
+        None,
+        ge=2,
+        description="token positions per caption, SOT and EOT included; None: the text model's own (SD 2: 77)",
+    )
+    mask_padding: bool = Field(
+        True,
+        description="true: the UNet attends to a caption's own tokens only (the states past its EOT are masked); "
+        "false: to every position, padding states included, unmasked: SD 2's convention, the one "
+        "StableDiffusionPipeline feeds, so only it round-trips through the export exactly",
+    )
+
     @field_validator("blocks")
     @classmethod
     def _some_depth(cls, v: int | list[int] | None) -> int | list[int] | None:
@@ -152,11 +164,17 @@ class DiffusionConfig(Section):
 
 
 class UnetConfig(Section):
-    """The denoising UNet: a named size from ldm.unet.UNET_SIZES."""
+    """The denoising UNet: a named size from ldm.unet.UNET_SIZES, or the architecture of its initial weights."""
 
     size: Literal["micro", "tiny", "small", "sd2-base"] = "tiny"
     cross_attention_dim: int | None = Field(
         None, ge=1, description="None: the text encoder's width, read from the latents (SD 2 base: ViT-H's 1024)"
+    )
+    init_from: str | None = Field(
+        None,
+        description="initial weights: a diffusers UNet2DConditionModel folder (or a pipeline folder with unet/), "
+        "e.g. a Stable Diffusion release, or runs/<run> of this work directory (that run's EMA weights); "
+        "the architecture is then theirs and `size` is not used. None: fresh weights of `size`",
     )
 
 

@@ -167,3 +167,31 @@ def test_to_yaml_keeps_schema_order_and_round_trips():
     text = to_yaml(cfg)
     assert list(yaml.safe_load(text)) == list(PipelineConfig.model_fields)
     assert PipelineConfig.model_validate(yaml.safe_load(text)) == cfg
+
+
+def test_phases_chain_each_run_to_the_previous_one_and_refuse_what_would_not_load():
+    """Bugs: a phase started from itself or from the first phase instead of the one before; a phase's own
+    init_from overwritten; a phase that cannot load (or shares a run folder) found only when it starts."""
+    from ldm.config import phase_overrides
+
+    three = "phases=[{precompute.resolution: 16, train.run_id: a}, {train.run_id: b}, "
+    three += "{train.run_id: c, unet.init_from: /x}]"
+    cfg = load_config("test", [three])
+    assert phase_overrides(cfg) == [
+        ["precompute.resolution=16", 'train.run_id="a"'],
+        ['train.run_id="b"', "unet.init_from=runs/a"],
+        ['train.run_id="c"', 'unet.init_from="/x"'],
+    ]
+    assert load_config("test", [three, *phase_overrides(cfg)[1]]).unet.init_from == "runs/a"
+    assert str(_error("test", "phases=[{train.steps: 3}]")) == (
+        "phases[0]: each phase names its train.run_id (its runs/<id> folder)"
+    )
+    assert (
+        str(_error("test", "phases=[{train.run_id: a}, {train.run_id: a}]"))
+        == "phases: two phases share train.run_id 'a'"
+    )
+    assert str(_error("test", "phases=[{train.run_id: a}, {train.run_id: b, precompute.resolution: 64}]")) == (
+        "phases[1]: precompute.resolution 64 is above ingest.resolution 32: the images are kept at ingest.resolution, "
+        "so ingest at the largest resolution any phase needs"
+    )
+    assert str(_error("test", "phases=[{train.run_id: a, train.steps: 0}]")).startswith("phases[0].train.steps: ")
