@@ -75,6 +75,35 @@ def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> N
             f"train: latents in {latents_url} hold text states after {_layer(got_blocks)}, the config names "
             f"text_encoder.blocks={want_blocks} ({_layer(want_blocks)}); rerun the precompute stage"
         )
+    te, conditioning = cfg.text_encoder, latent_conditioning(m)
+    for field, want in (("mask_padding", te.mask_padding), ("context_length", te.context_length)):
+        if want is not None and conditioning[field] != want:
+            raise StageError(
+                f"train: latents in {latents_url} were made with text_encoder.{field}={conditioning[field]}, the "
+                f"config says {want}; rerun the precompute stage"
+            )
+    if cfg.unet.init_from:
+        from ldm.unet.init import check_init
+
+        check_init(init_record(cfg, wd), shape, text_dim, conditioning, cfg.diffusion.prediction_type)
+
+
+def latent_conditioning(m: dict) -> dict:
+    """The conditioning convention of a latent set (manifests from before it was recorded: masked)."""
+    return m.get("conditioning") or {"depth": None, "context_length": m.get("context_length"), "mask_padding": True}
+
+
+_inits: dict[tuple[str, str], dict] = {}
+
+
+def init_record(cfg: PipelineConfig, wd: Workdir) -> dict:
+    """unet.init_from resolved (once per process: a release's weights are hashed to identify them)."""
+    from ldm.unet.init import resolve_init
+
+    key = (str(cfg.unet.init_from), wd.url)
+    if key not in _inits:
+        _inits[key] = resolve_init(str(cfg.unet.init_from), wd.url)
+    return _inits[key]
 
 
 def _layer(blocks: int | list[int] | None) -> str:
@@ -138,14 +167,24 @@ def train_stage(run: StageRun) -> dict:
     t0 = time.time()
     run.begin()
     storage.write_bytes_atomic(storage.join(run.out, CONFIG_FILE), to_yaml(cfg).encode())
+    init = init_record(cfg, wd) if cfg.unet.init_from else None
+    lineage = None if init is None else {k: init[k] for k in ("from", "path", "weights", "parent")}
+    if init is not None:
+        print(f"train: initial weights from {init['path']} ({init['weights']}); the UNet's architecture is theirs")
     params = {**cfg.model_dump(mode="json"), "inputs": {"precompute": m["config_hash"]},
-              "components": {"vae": m.get("vae"), "text_encoder": m.get("text_encoder")}}  # fmt: skip
+              "components": {"vae": m.get("vae"), "text_encoder": m.get("text_encoder")},
+              **({"init": {k: lineage[k] for k in ("path", "weights")}} if lineage else {})}  # fmt: skip
     mlflow_id = ensure_run(cfg, run.out, params)
     ds, _ = latent_dataset(latents_url)
     if size < MATERIALIZE_BYTES:
         ds = _materialize_in_order(ds)
     latents = {k: m[k] for k in ("latent_shape", "text_dim", "scale_factor", "empty_prompt", "text_encoder")}
+    latents["conditioning"] = latent_conditioning(m)
+    unet_init = None if init is None else {"path": init["path"], "config": init["config"]}
     vae_url = expected_components(cfg, wd)["vae"]
+    sampler = _sampler_inputs(cfg, m, vae_url)
+    if sampler is not None:
+        sampler["init"] = unet_init
     fs, storage_path = storage.fs_for(storage.join(wd.url, "runs"))
     storage_fs = None
     if not run.out.startswith("file://"):
@@ -161,8 +200,8 @@ def train_stage(run: StageRun) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": worker_config(cfg), "latents": latents, "run_dir": run.out,
-                           "mlflow_run_id": mlflow_id, "sampler": _sampler_inputs(cfg, m, vae_url),
-                           "budget": sized},
+                           "mlflow_run_id": mlflow_id, "sampler": sampler,
+                           "budget": sized, "init": unet_init},
         scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=cfg.compute.use_gpu),
         run_config=RunConfig(
             name=tc.run_id, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -188,11 +227,11 @@ def train_stage(run: StageRun) -> dict:
                 f"continue with `ldm stage train --resume {tc.run_id}`"
             )
         pipeline_url = storage.join(run.out, "pipeline")
-        export_pipeline(cfg, d, pipeline_url, latents, vae_url)
+        export_pipeline(cfg, d, pipeline_url, latents, vae_url, unet_init)
     return {
         "run_id": tc.run_id, "steps": meta["step"], "skipped_steps": meta["skipped"], "budget": meta.get("budget"),
         "checkpoint": _as_url(result.checkpoint.path, wd.url), "pipeline": pipeline_url, "mlflow_run_id": mlflow_id,
-        "latents": {"config_hash": m["config_hash"], "rows": m["rows"]},
+        "latents": {"config_hash": m["config_hash"], "rows": m["rows"], "url": latents_url}, "init": lineage,
         "timings": {"total_s": round(time.time() - t0, 2)},
     }  # fmt: skip
 

@@ -27,7 +27,8 @@ from ldm.diffusion.objective import apply_cfg_dropout, training_losses
 from ldm.diffusion.schedule import make_noise_scheduler
 from ldm.io.latents import collate, empty_prompt
 from ldm.train.state import Ema, load_state, lr_at, read_meta, save_state
-from ldm.unet.model import build_unet, training_attention
+from ldm.unet.init import build_for, load_init
+from ldm.unet.model import training_attention
 
 
 def _step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -109,7 +110,9 @@ def train_loop(config: dict[str, Any]) -> None:
         sized = (config.get("budget") or {}).get("record")
     if sized is not None:
         tc = budget.scaled_train(tc, sized["steps"])
-    unet = build_unet(cfg.unet.size, shape[0], shape[1], text_dim, seed=cfg.seed)
+    unet = build_for(cfg.unet.size, shape, text_dim, config.get("init"), seed=cfg.seed)
+    if ckpt is None and config.get("init"):  # a fresh run from initial weights (a resumed one has its own)
+        load_init(unet, config["init"])
     training_attention(unet, device)
     if tc.grad_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -55,10 +55,10 @@ def log_grid(mlflow, cfg: PipelineConfig, sampler: dict | None, ema, step: int) 
         return
     from ldm.autoencoder.model import load_vae_folder
     from ldm.train.export import decode, sample_latents
-    from ldm.unet.model import build_unet
+    from ldm.unet.init import build_for
 
     shape = sampler["latent_shape"]
-    unet = build_unet(cfg.unet.size, shape[0], shape[1], sampler["text_dim"])
+    unet = build_for(cfg.unet.size, shape, sampler["text_dim"], sampler.get("init"))
     ema.copy_to(unet)
     states = torch.tensor(sampler["prompt_states"], dtype=torch.float32)
     lengths = torch.tensor(sampler["prompt_lengths"])
