@@ -21,10 +21,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         from ldm.diffusion.guidance import make_sampler
-        from ldm.train.export import INDEX, load_text_encoder
+        from ldm.train.export import load_text_encoder, read_index
 
         root = Path(context.artifacts["pipeline"])
-        self.index = json.loads((root / INDEX).read_text())
+        self.index = read_index(root)
         self.sampling = json.loads((root / SAMPLING).read_text())
         self.unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
         self.vae = AutoencoderKL.from_pretrained(root / "vae").eval()
@@ -53,7 +53,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return to_uint8(decode(self.vae, latents, self.index["scale_factor"]))
 
 
-PIP_REQUIREMENTS = ["torch", "diffusers", "open_clip_torch", "safetensors", "numpy"]
+PIP_REQUIREMENTS = ["torch", "diffusers", "transformers", "open_clip_torch", "safetensors", "numpy"]
 
 
 def register_best(client, name: str, run_id: str, pipeline_dir: Path, unet, point: dict, point_key: str) -> str:

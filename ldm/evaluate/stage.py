@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -107,13 +106,13 @@ class _Sweep:
                  extractor: tuple[str, str], actors: list[dict], judged: bool):  # fmt: skip
         from mlflow import MlflowClient
 
-        from ldm.evaluate.sweep import INDEX, batch_count, judge_key, model_hashes
+        from ldm.evaluate.sweep import batch_count, judge_key, model_hashes, read_index
         from ldm.metrics import judge as J
         from ldm.tracking import tracking_uri
 
         cfg, ev = run.cfg, run.cfg.evaluate
         self.run, self.pipeline_dir, self.checkpoint, self.parent = run, pipeline_dir, checkpoint, parent
-        self.hashes = model_hashes(cfg, json.loads((pipeline_dir / INDEX).read_text()), checkpoint)
+        self.hashes = model_hashes(cfg, read_index(pipeline_dir), checkpoint)
         self.precision = _precision(actors)
         self.client = MlflowClient(tracking_uri(cfg))
         self.experiment = self.client.get_run(parent).info.experiment_id

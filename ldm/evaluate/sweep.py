@@ -4,7 +4,6 @@ and the batches of a point folded into its FD, CLIP score and judge accuracies (
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ldm.io.manifest import StageError
 from ldm.metrics import judge as J
 from ldm.metrics.features import Extractor
 from ldm.metrics.frechet import FeatureStats, clip_score, frechet_distance
-from ldm.train.export import INDEX, decode, load_text_encoder
+from ldm.train.export import decode, load_text_encoder, read_index
 from ldm.train.state import TENSORS
 
 GRID_IMAGES = 8  # images per point in the logged sample grid
@@ -68,16 +67,13 @@ def load_parts(cfg: PipelineConfig, pipeline_dir: Path, checkpoint: Path, scorer
     the networks moved to `device` (the scorer and the extractor are the caller's to place)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from ldm.unet.model import build_unet
-
-    index = json.loads((pipeline_dir / INDEX).read_text())
+    index = read_index(pipeline_dir)
     ema = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet").eval()
     unets = {"ema": ema}
     if "raw" in cfg.evaluate.checkpoints:
         unets["raw"] = load_raw_unet(ema, checkpoint)
     torch.manual_seed(cfg.seed)  # the untrained baseline: a fresh init of the same architecture
-    shape = index["latent_shape"]
-    unets["untrained"] = build_unet(index["unet_size"], shape[0], shape[1], ema.config.cross_attention_dim).eval()
+    unets["untrained"] = UNet2DConditionModel.from_config(ema.config).eval()
     unets = {k: u.to(device) for k, u in unets.items()}  # initialised on the CPU: the same weights on any device
     vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae").eval().to(device)
     sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler").config

@@ -116,11 +116,12 @@ def test_plain_diffusers_loop_gives_our_latents(trained):
     from diffusers.utils.torch_utils import randn_tensor
 
     from ldm.diffusion.guidance import make_sampler, sample
+    from ldm.train.export import read_index
 
     workdir, _ = trained
     root = workdir / "runs" / "a" / "pipeline"
     unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
-    index = json.loads((root / "model_index.json").read_text())
+    index = read_index(root)
     g = torch.Generator().manual_seed(3)
     cond, uncond = torch.randn(2, 5, 128, generator=g), torch.randn(1, 5, 128, generator=g)
     steps, scale, shape = 4, 3.0, index["latent_shape"]
