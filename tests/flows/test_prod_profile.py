@@ -197,6 +197,8 @@ def _overrides(world: dict, tmp: Path) -> list[str]:
         # a minute building C++ kernels for a 2-step run, which is not what this test checks.
         "train.compile=false",
         "train.grad_checkpointing=true",  # prod's option for bigger per-GPU batches: keep its path run end to end
+        # One phase at 64 px: two phases run on the test profile (tests/ldm/test_sd_ecosystem.py).
+        "phases=[]",
         f"evaluate.reference=s3://{BUCKET}/eval/",
         f"evaluate.prompt_count={REFERENCE}",
         f"evaluate.batch_size={REFERENCE}",
@@ -261,7 +263,9 @@ def inside_namespace(tmp_dir: str) -> int:
             dest = out / m.removeprefix(f"{BUCKET}/work/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get(m, str(dest))
-        for f in fs.glob(f"{BUCKET}/work/runs/*/pipeline/**/*.json"):
+        for f in fs.find(
+            f"{BUCKET}/work/runs/sd2-base-laion/pipeline"
+        ):  # the whole export: the stock pipeline loads it
             dest = out / f.removeprefix(f"{BUCKET}/work/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get(f, str(dest))
@@ -314,7 +318,9 @@ def test_prod_profile_runs_end_to_end(tmp_path):
     assert pre["text_encoder"]["path"] == world["text"]
     assert pre["text_encoder"]["weights"] == pre["weight_ids"]["text_encoder.weights"]  # ... by its content
     assert sorted(pre["inputs"]) == ["filter", "train-vae"]  # train-clip is the scorer, not an input
-    assert pre["empty_prompt"]["shape"] == [2, TEXT_ENCODER["text_cfg"]["width"]]  # SOT, EOT
+    # SD 2's convention: every one of the 77 positions, padding states included, for the empty prompt too
+    assert pre["empty_prompt"]["shape"] == [77, TEXT_ENCODER["text_cfg"]["width"]]
+    assert pre["conditioning"] == {"depth": 2, "context_length": 77, "mask_padding": False}  # penultimate of 3
 
     import pyarrow.parquet as pq
 
@@ -326,8 +332,16 @@ def test_prod_profile_runs_end_to_end(tmp_path):
 
     run = json.loads((out / "runs" / "sd2-base-laion" / "manifest.json").read_text())  # prod.yaml's run id
     assert run["steps"] == 2 and run["latents"]["rows"] == GOOD and run["pipeline"].startswith("s3://")
-    index = json.loads((out / "runs" / "sd2-base-laion" / "pipeline" / "model_index.json").read_text())
-    assert index["text_encoder"] == ["open_clip", "ViT-H-14"]  # the conditioning encoder, not the scorer CLIP
+    pipeline = out / "runs" / "sd2-base-laion" / "pipeline"
+    index = json.loads((pipeline / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"] == [
+        "transformers",
+        "CLIPTextModel",
+    ]
+    # the conditioning encoder (the ViT-H-14 stand-in, width 96) cut at its penultimate block, not the scorer CLIP
+    text = json.loads((pipeline / "text_encoder" / "config.json").read_text())
+    assert (text["hidden_size"], text["num_hidden_layers"], text["max_position_embeddings"]) == (96, 2, 77)
+    _stock_pipeline_draws_what_ldm_generate_draws(pipeline, tmp_path)
     unet = json.loads((out / "runs" / "sd2-base-laion" / "pipeline" / "unet" / "config.json").read_text())
     assert unet["cross_attention_dim"] == TEXT_ENCODER["text_cfg"]["width"]  # follows the text encoder
 
@@ -335,3 +349,24 @@ def test_prod_profile_runs_end_to_end(tmp_path):
     assert ev["prompts"] == {"reference": f"s3://{BUCKET}/eval/", "count": REFERENCE}  # prompts from the reference
     assert sorted(p["guidance"] for p in ev["grid"] if p["checkpoint"] == "ema") == [1, 3]
     assert ev["registered_model"]["name"] == "sd2-base-laion" and ev["registered_model"]["version"]
+
+
+def _stock_pipeline_draws_what_ldm_generate_draws(pipeline: Path, tmp: Path) -> None:
+    """The export in SD 2's convention, loaded by StableDiffusionPipeline with no network: the same prompt, seed,
+    steps and guidance give `ldm generate`'s image to 1/255 per pixel. Bugs: a text encoder cut at another layer,
+    padding unlike open_clip's, another scheduler or scale factor than generate's."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ldm.train.export import generate
+
+    prompt = "photo number 3, a blue square!"
+    ours = generate(str(pipeline), [prompt], guidance=4.0, steps=3, seed=1, out=str(tmp / "ours.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    theirs = pipe(prompt, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(1),
+                  output_type="np").images[0]  # fmt: skip
+    a = np.asarray(Image.open(ours[0]), dtype=np.float64)
+    assert a.shape == theirs.shape == (64, 64, 3)
+    assert np.abs(a - theirs * 255.0).max() <= 1.0
