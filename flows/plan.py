@@ -49,7 +49,7 @@ THROUGHPUTS = (
         stage="train",
         when={
             "unet.size": "sd2-base",
-            "ingest.resolution": 256,
+            "latent_resolution": 256,  # px of the images encoded (precompute.resolution, else ingest's)
             "train.compile": True,
             "train.grad_checkpointing": False,
         },  # fmt: skip
@@ -59,7 +59,7 @@ THROUGHPUTS = (
     ),
     Throughput(
         stage="train",
-        when={"unet.size": "sd2-base", "ingest.resolution": 256},
+        when={"unet.size": "sd2-base", "latent_resolution": 256},
         per_s=137.0,
         unit="A100",
         source=(
@@ -183,7 +183,10 @@ RESOURCES: dict[str, Callable[[PipelineConfig], str]] = {
 
 
 def _matches(t: Throughput, cfg: PipelineConfig) -> bool:
-    return all(resolve(cfg, path) == value for path, value in t.when.items())
+    def value(path: str) -> object:
+        return latent_resolution(cfg) if path == "latent_resolution" else resolve(cfg, path)
+
+    return all(value(path) == want for path, want in t.when.items())
 
 
 def figure(stage: str, cfg: PipelineConfig) -> Throughput | None:
@@ -252,6 +255,15 @@ def estimate(stage: str, cfg: PipelineConfig) -> str:
             f"~{unit_hours / n:,.0f} h at linear scaling on {n} {where}; source: {t.source}")  # fmt: skip
 
 
+def _priced(stage: str, cfg: PipelineConfig) -> str:
+    """A stage's estimate; train's is each phase's in turn when the config has phases."""
+    if stage != "train" or not cfg.phases:
+        return estimate(stage, cfg)
+    return "; then ".join(
+        f"{p.train.run_id} at {latent_resolution(p)} px: {estimate(stage, p)}" for p in phase_configs(cfg)
+    )
+
+
 def plan(cfg: PipelineConfig, profile: str) -> str:
     """The plan as text: every registry stage in order, its inputs, output folder and resources; on a GPU
     profile the hours of the stages whose work grows with the data, at the source's row count."""
@@ -291,5 +303,5 @@ def plan(cfg: PipelineConfig, profile: str) -> str:
     known = source_rows(cfg)
     rows = f"{known[0]:,} rows; row count: {known[1]}" if known else "an unknown row count"
     lines += ["", f"Hours (estimated) at {rows}:"]
-    lines += [f"  {name}: {estimate(name, cfg)}" for name in PRICED]
+    lines += [f"  {name}: {_priced(name, cfg)}" for name in PRICED]
     return "\n".join(lines) + "\n"
