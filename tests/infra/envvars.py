@@ -328,6 +328,7 @@ def _cfg(prod: dict) -> types.SimpleNamespace:
     cfg = ns(prod)
     cfg.tracking.uri = getattr(cfg.tracking, "uri", None)
     cfg.compute.ray_address = getattr(cfg.compute, "ray_address", None)
+    cfg.precompute = getattr(cfg, "precompute", types.SimpleNamespace(resolution=None))
     return cfg
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from ldm.config import ConfigError, PipelineConfig, load_config, profiles
+from ldm.config import ConfigError, PipelineConfig, latent_resolution, load_config, phase_configs, profiles
 
 
 @pytest.mark.parametrize("profile", ["local", "test", "prod"])
@@ -45,8 +45,16 @@ def test_prod_profile_is_laion_scale_with_local_weights():
     assert PurePosixPath(cfg.aesthetic.weights).suffix == ".pth"  # the LAION MLP's published state dict
     assert PurePosixPath(cfg.vae.path).suffix == "" and cfg.vae.downsample == 8  # diffusers folder, SD's f=8
     assert {"similarity", "pwatermark", "punsafe"} <= set(cfg.ingest.columns.extra)
-    assert cfg.ingest.resolution == 256 and cfg.unet.size == "sd2-base" and cfg.compute.num_workers > 2
-    assert cfg.ingest.prefilter.min_size == cfg.ingest.resolution  # upscaled thumbnails would be trained on otherwise
+    # One download at the largest phase's resolution (SD 2 base: 256, then 512 px from the same images)
+    phases = phase_configs(cfg)
+    assert [latent_resolution(p) for p in phases] == [256, 512] == [256, cfg.ingest.resolution]
+    assert phases[1].unet.init_from == f"runs/{phases[0].train.run_id}"
+    assert cfg.unet.size == "sd2-base" and cfg.compute.num_workers > 2
+    # upscaled thumbnails would be trained on otherwise (at the first phase's resolution: see prod.yaml)
+    assert cfg.ingest.prefilter.min_size == latent_resolution(phases[0])
+    # SD 2's conditioning, so a release continues on these latents and the export round-trips in diffusers
+    assert (cfg.text_encoder.blocks, cfg.text_encoder.mask_padding, cfg.diffusion.prediction_type) == (
+        None, False, "epsilon")  # fmt: skip
     test = load_config("test")
     assert cfg.ingest.processes > test.ingest.processes and cfg.ingest.samples_per_shard >= 1000
 
