@@ -7,6 +7,8 @@ stage's output (config fields, input stages, weight files); the work itself is a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ldm.config import TRAIN_CONTROL, PipelineConfig, TrainConfig
 from ldm.stage import Stage, run_stage
 
@@ -44,6 +46,19 @@ def _precompute_weights(cfg: PipelineConfig) -> dict[str, str]:
 
 def _vae_weights(cfg: PipelineConfig) -> dict[str, str]:
     return {"vae.path": cfg.vae.path} if cfg.vae.path else {}
+
+
+def _train_weights(cfg: PipelineConfig) -> dict[str, str]:
+    # A release's UNet weights by content (replaced at the same path, they make a new run); an earlier run of this
+    # work directory (runs/<run>) is identified by that run's manifest instead, in the train manifest's `init`.
+    path = cfg.unet.init_from
+    if not path or path.startswith("runs/"):
+        return {}
+    root = Path(path.removeprefix("file://")).expanduser()
+    unet = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    # Not there: the train stage's own check refuses the folder in one line that says what it lacks.
+    return {"unet.init_from": str(weights)} if weights.is_file() else {}
 
 
 def _evaluate_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -122,6 +137,7 @@ STAGES: tuple[Stage, ...] = (
         work="ldm.train.driver:train_stage",
         summary="ldm.train.driver:summary",
         inputs=lambda cfg: ("precompute",),
+        weights=_train_weights,
     ),
     Stage(
         name="evaluate",
