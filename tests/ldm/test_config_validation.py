@@ -195,3 +195,7 @@ def test_phases_chain_each_run_to_the_previous_one_and_refuse_what_would_not_loa
         "so ingest at the largest resolution any phase needs"
     )
     assert str(_error("test", "phases=[{train.run_id: a, train.steps: 0}]")).startswith("phases[0].train.steps: ")
+    assert str(_error("test", "precompute.resolution=18")) == (
+        "precompute.resolution 18 is not a multiple of vae.downsample 4; the latents would not cover the image"
+    )
+    assert load_config("test", ["precompute.resolution=16"]).precompute.resolution == 16
