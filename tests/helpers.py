@@ -37,3 +37,22 @@ def source_rows(workdir: str) -> dict[str, dict]:
     with fs.open(path, "rb") as f:
         rows = pq.read_table(f, columns=["URL", "WIDTH", "HEIGHT", "rating"]).to_pylist()
     return {urlsplit(r["URL"]).path: r for r in rows}
+
+
+def stock_pipeline_gap(pipeline: Path, prompt: str, guidance: float, steps: int, seed: int, tmp: Path):
+    """`ldm generate`'s image and StableDiffusionPipeline's for the same prompt, seed, steps and guidance, loaded
+    from an export with no network: (our image's shape, the largest per-pixel difference in 1/255)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ldm.train.export import generate
+
+    ours = generate(str(pipeline), [prompt], guidance=guidance, steps=steps, seed=seed, out=str(tmp / "ours.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(seed), output_type="np").images[0]  # fmt: skip
+    a = np.asarray(Image.open(ours[0]), dtype=np.float64)
+    assert a.shape == theirs.shape, (a.shape, theirs.shape)
+    return a.shape, float(np.abs(a - theirs * 255.0).max())
