@@ -45,16 +45,19 @@ def check_plan(cfg: PipelineConfig, wd: Workdir, m: dict, latents_url: str) -> N
     shape, text_dim = m["latent_shape"], m["text_dim"]
     if shape[1] != shape[2]:
         raise StageError(f"train: latents in {latents_url} are {shape[1]}x{shape[2]}; the UNet needs square ones")
-    # The cross-attention width follows the text encoder unless the config pins it (then it must agree).
-    want = unet_config(cfg.unet.size, shape[0], shape[1], cfg.unet.cross_attention_dim or text_dim)
-    try:
-        check_unet_matches(want, shape, text_dim)
-    except ValueError as e:
-        raise StageError(f"train: unet.size {cfg.unet.size} does not fit the latents in {latents_url}: {e}") from e
+    if cfg.unet.init_from:  # the architecture is the initial weights' (their channels and width: check_init)
+        want, which = init_record(cfg, wd)["config"], f"unet.init_from {cfg.unet.init_from}"
+    else:  # the cross-attention width follows the text encoder unless the config pins it (then it must agree)
+        which = f"unet.size {cfg.unet.size}"
+        want = unet_config(cfg.unet.size, shape[0], shape[1], cfg.unet.cross_attention_dim or text_dim)
+        try:
+            check_unet_matches(want, shape, text_dim)
+        except ValueError as e:
+            raise StageError(f"train: {which} does not fit the latents in {latents_url}: {e}") from e
     levels = len(want["block_out_channels"]) - 1
     if shape[1] % (2**levels):
         raise StageError(
-            f"train: unet.size {cfg.unet.size} halves the latents {levels} times but latent size {shape[1]} "
+            f"train: {which} halves the latents {levels} times but latent size {shape[1]} "
             f"(in {latents_url}) is not divisible by {2**levels}"
         )
     want_vae, want_text = expected_components(cfg, wd).values()
@@ -93,17 +96,11 @@ def latent_conditioning(m: dict) -> dict:
     return m.get("conditioning") or {"depth": None, "context_length": m.get("context_length"), "mask_padding": True}
 
 
-_inits: dict[tuple[str, str], dict] = {}
-
-
 def init_record(cfg: PipelineConfig, wd: Workdir) -> dict:
-    """unet.init_from resolved (once per process: a release's weights are hashed to identify them)."""
+    """unet.init_from resolved (its weights' content hash is cached by ldm.stage.content_id)."""
     from ldm.unet.init import resolve_init
 
-    key = (str(cfg.unet.init_from), wd.url)
-    if key not in _inits:
-        _inits[key] = resolve_init(str(cfg.unet.init_from), wd.url)
-    return _inits[key]
+    return resolve_init(str(cfg.unet.init_from), wd.url)
 
 
 def _layer(blocks: int | list[int] | None) -> str:

@@ -221,6 +221,10 @@ def test_refusals_name_what_does_not_fit(world, latents, tmp_path):
     wide = write_release(tmp_path / "wide", cross_attention_dim=64)
     with pytest.raises(StageError, match="cross_attention_dim 64 differs from the text states' width 128"):
         run_stage("train", make_config(work, *SD2, f"unet.init_from={wide}", "train.run_id=r1"))
+    # SD 2's four levels halve 4x4 latents (16 px) three times: refused here, not inside the workers
+    with pytest.raises(StageError, match=r"halves the latents 3 times but latent size 4 .* not divisible by 8"):
+        run_stage("train", make_config(work, *SD2, f"unet.init_from={release}", "precompute.resolution=16",
+                                       "train.run_id=r0"))  # fmt: skip
     masked, _ = latents  # the test world's own latents: padding masked
     with pytest.raises(StageError, match="padding unmasked, the latents hold .* padding masked"):
         run_stage("train", make_config(masked.workdir, f"unet.init_from={release}", "train.run_id=r2"))
