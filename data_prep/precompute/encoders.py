@@ -7,13 +7,12 @@ a pure function of the batch; resources are set where `map_batches` is called.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_prep.precompute.rows import Batch, columns, decode_images, shard_rows
+from data_prep.precompute.rows import Batch, columns, decode_images, row_seed, shard_rows
 from ldm.autoencoder.model import load_vae
 from ldm.clip.encoder import load_text_encoder
 from ldm.config import PipelineConfig, latent_resolution
@@ -66,7 +65,7 @@ class VaeLatentEncoder:
             z = torch.cat([d.mean for d in dists])
             if self.latent == "sample":  # noise seeded by the row's key: the same whatever the batching
                 eps = torch.stack([
-                    torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(self._row_seed(k)))
+                    torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(row_seed(self.seed, k)))
                     for k in batch["key"]
                 ]).to(z)  # fmt: skip
                 z = z + torch.cat([d.std for d in dists]) * eps
@@ -74,9 +73,6 @@ class VaeLatentEncoder:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["latent"] = np.array([row.tobytes() for row in z], dtype=object)
         return out
-
-    def _row_seed(self, key: str) -> int:
-        return (self.seed * 1_000_003 + zlib.crc32(str(key).encode())) % 2**63
 
 
 class TextEmbedder:

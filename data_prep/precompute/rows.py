@@ -52,14 +52,14 @@ def columns(rows: list[dict[str, Any]]) -> Batch:
     return out
 
 
-def crop_seed(seed: int, key: str) -> int:
-    """The random crop's seed of one sample: its key and the run's seed, whatever the batching."""
+def row_seed(seed: int, key: str) -> int:
+    """One sample's seed (its random crop, its latent sample): its key and the run's seed, whatever the batching."""
     return (seed * 1_000_003 + zlib.crc32(str(key).encode())) % 2**63
 
 
 def decode_images(batch: Batch, resolution: int, crop: str = "center", seed: int = 0) -> Batch:
     """JPEG bytes -> uint8 pixels [B, H, W, 3] at the training resolution, centre or random (per key) squares."""
     out = {k: v for k, v in batch.items() if k != "jpg"}
-    seeds = [crop_seed(seed, k) if crop == "random" else None for k in batch["key"]]
+    seeds = [row_seed(seed, k) if crop == "random" else None for k in batch["key"]]
     out["pixels"] = np.stack([decode_rgb(b, resolution, s) for b, s in zip(batch["jpg"], seeds, strict=True)])
     return out

@@ -290,12 +290,17 @@ def phase_overrides(cfg: PipelineConfig) -> list[list[str]]:
 
 def phase_configs(cfg: PipelineConfig) -> list[PipelineConfig]:
     """The config of each phase: this one with the phase's overrides applied."""
-    out = []
-    for sets in phase_overrides(cfg):
-        tree = cfg.model_dump(mode="json")
-        for key, value in (parse_override(item) for item in sets):
-            set_dotted(tree, key, value)
-        out.append(PipelineConfig.model_validate(tree))
+    tree = cfg.model_dump(mode="json")
+    return [PipelineConfig.model_validate(_phase_tree(tree, sets, i)) for i, sets in enumerate(phase_overrides(cfg))]
+
+
+def _phase_tree(tree: dict[str, Any], sets: list[str], i: int) -> dict[str, Any]:
+    """A copy of a config tree with phase i's overrides applied."""
+    out = json.loads(json.dumps(tree))
+    for key, value in (parse_override(item) for item in sets):
+        if key == "phases" or key.startswith("phases."):
+            raise ConfigError(f"phases[{i}]", "a phase cannot hold phases")
+        set_dotted(out, key, value)
     return out
 
 
@@ -306,13 +311,8 @@ def check_phases(tree: dict[str, Any], cfg: PipelineConfig) -> None:
         if "train.run_id" not in cfg.phases[i]:
             raise ConfigError(f"phases[{i}]", "each phase names its train.run_id (its runs/<id> folder)")
         runs.append(cfg.phases[i]["train.run_id"])
-        phase_tree = json.loads(json.dumps(tree))
-        for key, value in (parse_override(item) for item in sets):
-            if key == "phases" or key.startswith("phases."):
-                raise ConfigError(f"phases[{i}]", "a phase cannot hold phases")
-            set_dotted(phase_tree, key, value)
         try:
-            PipelineConfig.model_validate(phase_tree)
+            PipelineConfig.model_validate(_phase_tree(tree, sets, i))
         except ValidationError as err:
             e = _first_error(err)
             raise ConfigError(f"phases[{i}]" + (f".{e.path}" if e.path else ""), e.reason) from None
